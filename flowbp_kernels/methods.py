@@ -1,0 +1,453 @@
+"""Every direct-gradient method as a setting of the four choices, with its index sampler.
+
+A :class:`Method` draws a :class:`Plan` (the random choices of one training step: active steps, k, j,
+tau, early stop) and turns a plan plus the schedule into a :class:`~flowbp_kernels.surrogate.Surrogate`.
+The samplers and default hyper-parameters are those of shared/design/ALGORITHM.md section 4 (the
+authors' FLUX.1-dev settings) and REFERENCE.md sections 3-4.5. Index conventions: forward index i
+(0 = noise end), reverse index r = N - i; the training window is [s, N) with
+``s = N - max(1, ceil(N * tail_ratio))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from flowbp_kernels.quadrature import lagrange_weights, support_nodes
+from flowbp_kernels.surrogate import Node, Segment, Surrogate
+
+#: Default options per method (the authors' FLUX.1-dev settings). ``tail_ratio`` is added to every one.
+DEFAULTS: dict[str, dict] = {
+    "refl": {"last_n": 11},
+    "draft-k": {"num_active": 1},
+    "draft-lv": {"num_noised": 2},
+    "drtune": {"num_active": 3, "early_stop_ratio": 0.4},
+    "full": {},
+    "leapalign": {"alpha": 0.3, "tau": 0.1},
+    "flowbp-sparse": {"num_active": 3, "late_bias": 2.0, "grad_rescale": 1.0},
+    "flowbp-bridge": {"num_active": 5, "late_bias": 2.0, "grad_rescale": 1.0, "alpha": 0.1},
+    "flowbp-lagrange": {
+        "order": 3,
+        "alpha": 0.1,
+        "tau": 0.2,
+        "grad_rescale": 0.5,
+        "support_scale": 0.25,
+        "max_active_supports": 2,
+        "dirichlet": (2.5, 6.0, 2.0),
+        "max_j_rev": None,
+    },
+}
+METHODS = tuple(DEFAULTS)
+#: Explicit plan arguments each method accepts.
+EXPLICIT = {
+    "refl": ("tau",),
+    "draft-k": ("active",),
+    "draft-lv": (),
+    "drtune": ("stop", "active"),
+    "full": (),
+    "leapalign": ("k", "j"),
+    "flowbp-sparse": ("active",),
+    "flowbp-bridge": ("active", "j"),
+    "flowbp-lagrange": ("k", "j"),
+}
+_INT_OPTIONS = {"last_n", "num_active", "num_noised", "order", "max_active_supports", "max_j_rev"}
+#: Bridge needs a pre- and a post-segment plus room to sample j (reference ``min_window``).
+BRIDGE_MIN_WINDOW = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The random choices of one step. ``active`` holds explicit active indices where the method
+    samples them (sparse, bridge, draft-k, drtune); ``k``/``j`` the leap indices; ``tau`` ReFL's
+    index; ``stop`` DRTune's early-stop index; ``noise_seed`` DRaFT-LV's re-noising seed."""
+
+    method: str
+    num_steps: int
+    window_start: int
+    active: tuple[int, ...] = ()
+    k: int | None = None
+    j: int | None = None
+    tau: int | None = None
+    stop: int | None = None
+    noise_seed: int | None = None
+
+    def as_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+def _gen(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    elif not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
+def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
+    """Uniform integer in [lo, hi] (inclusive)."""
+    return int(torch.randint(lo, hi + 1, (1,), generator=gen, device=gen.device).item())
+
+
+def _late_biased(gen: torch.Generator, candidates: Sequence[int], k: int, beta: float) -> list[int]:
+    """k distinct candidates without replacement, ``p ∝ (offset + 1)^beta`` (offset in the sorted list)."""
+    candidates = sorted(candidates)
+    if k >= len(candidates):
+        return list(candidates)
+    if k <= 0:
+        return []
+    p = torch.arange(1, len(candidates) + 1, dtype=torch.float64) ** float(beta)
+    picks = torch.multinomial(p, k, replacement=False, generator=gen)
+    return sorted(candidates[i] for i in picks.tolist())
+
+
+def _uniform_pair(gen: torch.Generator, num_steps: int, window_start: int) -> tuple[int, int]:
+    """Two distinct reverse indices of the window, sorted; returns forward (k, j), k < j."""
+    n_rev = num_steps - window_start
+    r = (torch.randperm(n_rev, generator=gen)[:2] + 1).tolist()
+    return num_steps - max(r), num_steps - min(r)
+
+
+def _gamma(gen: torch.Generator, shape: float) -> float:
+    """Gamma(shape, 1) by Marsaglia and Tsang (2000), using only the given generator."""
+    if shape < 1:
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        return _gamma(gen, shape + 1) * u ** (1 / shape)
+    d = shape - 1 / 3
+    c = 1 / math.sqrt(9 * d)
+    while True:
+        x = float(torch.randn((), generator=gen, dtype=torch.float64))
+        v = (1 + c * x) ** 3
+        if v <= 0:
+            continue
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        if math.log(max(u, 1e-300)) < 0.5 * x * x + d - d * v + d * math.log(v):
+            return d * v
+
+
+def _dirichlet_pair(
+    gen: torch.Generator, num_steps: int, window_start: int, conc: Sequence[float], max_j_rev: int | None
+) -> tuple[int, int]:
+    """Split the window's reverse slots into (A, B, C) = round(n * Dirichlet(conc)), each >= 1:
+    A = distance of j from the clean end, B = the k..j gap, C = distance of k from the noise end."""
+    n = num_steps - window_start
+    g = [_gamma(gen, float(a)) for a in conc]
+    total = sum(g)
+    parts = [max(1, round(n * x / total)) for x in g]
+    diff = n - sum(parts)
+    while diff != 0:
+        order = sorted(range(3), key=lambda i: -parts[i])
+        for i in order:
+            if diff > 0:
+                parts[i] += 1
+                diff -= 1
+                break
+            if parts[i] > 1:
+                parts[i] -= 1
+                diff += 1
+                break
+    a, b, c = parts
+    j_rev = 1 + a
+    if max_j_rev is not None and j_rev > max_j_rev:
+        over = j_rev - max_j_rev
+        a -= over
+        c += over
+        j_rev = 1 + a
+    k_rev = 1 + a + b
+    return num_steps - k_rev, num_steps - j_rev
+
+
+def _rho(window_abs: float, active_abs: float, g: float) -> float:
+    """Sigma-span compensation ``1 + g (sum_window |w| / sum_active |w| - 1)``."""
+    if active_abs <= 0:
+        return 1.0
+    return 1.0 + g * (window_abs / active_abs - 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- Method
+@dataclass
+class Method:
+    """A direct-gradient method: a name and its options (see :data:`DEFAULTS`).
+
+    ``plan(num_steps, generator)`` draws the random choices; ``surrogate(plan, sigmas)`` builds the
+    backward surrogate. Use :func:`get_method` to construct one with validated options.
+    """
+
+    name: str
+    options: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ plans
+    def window_start(self, num_steps: int) -> int:
+        return num_steps - max(1, math.ceil(num_steps * self.options["tail_ratio"]))
+
+    def plan(self, num_steps: int, generator: torch.Generator | None = None, **explicit) -> Plan:
+        """Draw this step's random choices (from ``generator``), or take them from ``explicit``.
+
+        Explicit arguments (per method): ``active=[...]`` (flowbp-sparse, flowbp-bridge, draft-k,
+        drtune), ``k=``, ``j=`` (leapalign, flowbp-lagrange; ``j`` for flowbp-bridge), ``tau=`` (refl),
+        ``stop=`` (drtune). Raises ValueError naming the argument when a value is out of range.
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        allowed = EXPLICIT[self.name]
+        for key in explicit:
+            if key not in allowed:
+                raise ValueError(f"{self.name}: unknown plan argument {key!r}; accepted: {allowed or 'none'}")
+        explicit = {k: v for k, v in explicit.items() if v is not None}
+        n, s = num_steps, self.window_start(num_steps)
+        o = self.options
+        gen = None if not self._needs_random(explicit) else _gen(generator)
+        base = Plan(self.name, n, s)
+
+        if "active" in explicit:
+            act = explicit["active"]
+            if isinstance(act, torch.Tensor):
+                act = act.tolist()
+            act = [int(a) for a in act]
+            if not act or len(set(act)) != len(act):
+                raise ValueError(f"active must be a non-empty list of distinct indices, got {act}")
+            bad = [a for a in act if not s <= a < n]
+            if bad:
+                raise ValueError(f"active indices {bad} are outside the training window [{s}, {n})")
+            explicit["active"] = tuple(sorted(act))
+        for key in ("k", "j", "tau", "stop"):
+            if key in explicit:
+                val = explicit[key]
+                if isinstance(val, bool) or not isinstance(val, int):
+                    raise ValueError(f"{key} must be an int, got {val!r}")
+                if not s <= val < n:
+                    raise ValueError(f"{key}={val} is outside the training window [{s}, {n})")
+
+        name = self.name
+        if name == "full":
+            return replace(base, active=tuple(range(s, n)))
+        if name == "draft-k":
+            act = explicit.get("active") or tuple(range(max(s, n - o["num_active"]), n))
+            return replace(base, active=act)
+        if name == "draft-lv":
+            seed = _randint(gen, 0, 2**31 - 1)
+            return replace(base, active=(n - 1,), noise_seed=seed)
+        if name == "refl":
+            tau = explicit.get("tau")
+            if tau is None:
+                tau = n - _randint(gen, 1, min(o["last_n"], n - s))
+            return replace(base, active=(tau,), tau=tau)
+        if name == "drtune":
+            stop = explicit.get("stop")
+            if stop is None:
+                r_max = max(1, min(round(o["early_stop_ratio"] * n), n - s))
+                stop = n - _randint(gen, 1, r_max)
+            act = explicit.get("active")
+            if act is None:
+                span = stop - s + 1
+                k = min(o["num_active"], span)
+                stride = max(1, span // k)
+                start = _randint(gen, s, stop - (k - 1) * stride)
+                act = tuple(start + q * stride for q in range(k))
+            elif max(act) > stop:
+                raise ValueError(f"active indices must not exceed stop={stop}, got {list(act)}")
+            return replace(base, active=act, stop=stop)
+        if name == "flowbp-sparse":
+            act = explicit.get("active")
+            if act is None:
+                act = tuple(_late_biased(gen, range(s, n), o["num_active"], o["late_bias"]))
+            return replace(base, active=act)
+        if name == "leapalign" or name == "flowbp-lagrange":
+            if n - s < 2 + (name == "flowbp-lagrange"):
+                raise ValueError(f"{name} needs a training window of at least {2 + (name == 'flowbp-lagrange')} "
+                                 f"steps, got {n - s} (num_steps={n}, tail_ratio={o['tail_ratio']})")
+            k, j = explicit.get("k"), explicit.get("j")
+            if k is None or j is None:
+                if name == "leapalign":
+                    dk, dj = _uniform_pair(gen, n, s)
+                else:
+                    dk, dj = _dirichlet_pair(gen, n, s, o["dirichlet"], o["max_j_rev"])
+                k = dk if k is None else k
+                j = dj if j is None else j
+            if not k < j:
+                raise ValueError(f"k must be smaller than j (k is the noisier index), got k={k}, j={j}")
+            if name == "leapalign":
+                act = (k, j)
+            else:
+                m = o["max_active_supports"]
+                act = tuple(sorted({*support_nodes(k, j, o["order"], n)[:m], *support_nodes(j, n, o["order"], n)[:m]}))
+            return replace(base, active=act, k=k, j=j)
+        if name == "flowbp-bridge":
+            if n - s < BRIDGE_MIN_WINDOW:
+                raise ValueError(f"flowbp-bridge needs a training window of at least {BRIDGE_MIN_WINDOW} "
+                                 f"steps, got {n - s} (num_steps={n}, tail_ratio={o['tail_ratio']})")
+            j = explicit.get("j")
+            act = explicit.get("active")
+            if act is not None and j is None:
+                raise ValueError("flowbp-bridge: pass j= together with an explicit active=")
+            if j is None:
+                _, j = _uniform_pair(gen, n, s)
+            if not s < j < n:
+                raise ValueError(f"j={j} must leave a pre-segment: need {s} < j < {n}")
+            if act is None:
+                act = self._bridge_active(gen, n, s, j)
+            elif j not in act:
+                raise ValueError(f"active must contain the bridge index j={j}, got {list(act)}")
+            return replace(base, active=tuple(sorted(act)), j=j)
+        raise AssertionError(name)
+
+    def _needs_random(self, explicit: dict) -> bool:
+        needs = {
+            "full": False,
+            "draft-k": False,
+            "draft-lv": True,
+            "refl": "tau" not in explicit,
+            "drtune": "stop" not in explicit or "active" not in explicit,
+            "flowbp-sparse": "active" not in explicit,
+            "leapalign": "k" not in explicit or "j" not in explicit,
+            "flowbp-lagrange": "k" not in explicit or "j" not in explicit,
+            "flowbp-bridge": "active" not in explicit or "j" not in explicit,
+        }
+        return needs[self.name]
+
+    def _bridge_active(self, gen: torch.Generator, n: int, s: int, j: int) -> tuple[int, ...]:
+        o = self.options
+        k_total = o["num_active"]
+        l_pre, l_post = j - s, n - j
+        k_pre = min(max(round(k_total * l_pre / (l_pre + l_post)), 1), l_pre)
+        k_post = min(max(k_total - k_pre, 1), l_post)
+        left = k_total - k_pre - k_post
+        if left > 0:
+            add = min(left, l_pre - k_pre)
+            k_pre += add
+            k_post += min(left - add, l_post - k_post)
+        pre = _late_biased(gen, range(s, j), k_pre, o["late_bias"])
+        post = _late_biased(gen, range(j + 1, n), k_post - 1, o["late_bias"])
+        return tuple(sorted([*pre, j, *post]))
+
+    # ------------------------------------------------------------------ surrogates
+    def surrogate(self, plan: Plan, sigmas: torch.Tensor) -> Surrogate:
+        """The backward surrogate of ``plan`` on the schedule ``sigmas`` (``[N + 1]``)."""
+        if plan.method != self.name:
+            raise ValueError(f"plan is for method {plan.method!r}, not {self.name!r}")
+        sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+        n = plan.num_steps
+        if sig.numel() != n + 1:
+            raise ValueError(f"sigmas must have num_steps + 1 = {n + 1} entries, got {sig.numel()}")
+        sg = sig.tolist()
+        h = [sg[i + 1] - sg[i] for i in range(n)]
+        s = plan.window_start
+        o = self.options
+        name = self.name
+        info = {"plan": plan.as_dict()}
+
+        if name in ("full", "draft-k"):
+            act = set(plan.active)
+            first = min(act)
+            segs = tuple(
+                Segment(i, i + 1, (Node(i, h[i], active=i in act, input="chained" if i in act else "cached"),),
+                        anchor="cached" if i == first else "previous")
+                for i in range(first, n)
+            )
+            return Surrogate(segs, info=info)
+        if name == "draft-lv":
+            m = n - 1
+            seg = Segment(m, n, (Node(m, h[m], active=True),))
+            return Surrogate((seg,), renoise=o["num_noised"], renoise_index=m, renoise_seed=plan.noise_seed,
+                             info=info)
+        if name == "refl":
+            t = plan.tau
+            seg = Segment(t, n, (Node(t, sg[n] - sg[t], active=True),), pin=False)
+            return Surrogate((seg,), reward_input="posterior", info=info)
+        if name == "drtune":
+            act = set(plan.active)
+            nodes = [Node(i, h[i], active=i in act) for i in range(s, plan.stop)]
+            nodes.append(Node(plan.stop, sg[n] - sg[plan.stop], active=plan.stop in act))
+            seg = Segment(s, n, tuple(nodes), pin=False)
+            return Surrogate((seg,), reward_input="posterior", info=info)
+        if name == "flowbp-sparse":
+            act = set(plan.active)
+            rho = _rho(sum(abs(x) for x in h[s:]), sum(abs(h[i]) for i in act), o["grad_rescale"])
+            info["rho"] = rho
+            seg = Segment(s, n, tuple(Node(i, h[i], active=i in act, scale=rho) for i in range(s, n)))
+            return Surrogate((seg,), info=info)
+        if name == "flowbp-bridge":
+            act, j = set(plan.active), plan.j
+            rho = _rho(sum(abs(x) for x in h[s:]), sum(abs(h[i]) for i in act), o["grad_rescale"])
+            info["rho"] = rho
+            pre = Segment(s, j, tuple(Node(i, h[i], active=i in act, scale=rho) for i in range(s, j)))
+            post_nodes = tuple(
+                Node(i, h[i], active=i in act, scale=rho, input="bridge" if i == j else "cached", alpha=o["alpha"])
+                for i in range(j, n)
+            )
+            post = Segment(j, n, post_nodes, anchor="previous")
+            return Surrogate((pre, post), split=j, info=info)
+        if name == "leapalign":
+            k, j = plan.k, plan.j
+            first = Segment(k, j, (Node(k, sg[j] - sg[k], active=True),))
+            second = Segment(j, n, (Node(j, sg[n] - sg[j], active=True, input="bridge", alpha=o["alpha"]),),
+                             anchor="previous")
+            return Surrogate((first, second), split=j, similarity_tau=o["tau"], info=info)
+        if name == "flowbp-lagrange":
+            k, j = plan.k, plan.j
+            segs = []
+            for a, b, anchor in ((k, j, "cached"), (j, n, "previous")):
+                idx = support_nodes(a, b, o["order"], n)
+                w = lagrange_weights([sg[m] for m in idx], sg[a], sg[b]).tolist()
+                n_act = min(o["max_active_supports"], len(idx))
+                rho = _rho(sum(abs(x) for x in w), sum(abs(x) for x in w[:n_act]), o["grad_rescale"])
+                info[f"rho_{a}_{b}"] = rho
+                info[f"nodes_{a}_{b}"] = idx
+                nodes = tuple(
+                    Node(m, wm, active=q < n_act, scale=rho if q == 0 else o["support_scale"] * rho,
+                         input="bridge" if (q == 0 and anchor == "previous") else "cached", alpha=o["alpha"])
+                    for q, (m, wm) in enumerate(zip(idx, w))
+                )
+                segs.append(Segment(a, b, nodes, anchor=anchor))
+            return Surrogate(tuple(segs), split=j, similarity_tau=o["tau"], info=info)
+        raise AssertionError(name)
+
+
+def get_method(name: str, **options) -> Method:
+    """A method by name with validated options (defaults: :data:`DEFAULTS`, plus ``tail_ratio=1.0``).
+
+    Names: ``refl``, ``draft-k``, ``draft-lv``, ``drtune``, ``full``, ``leapalign``, ``flowbp-sparse``,
+    ``flowbp-bridge``, ``flowbp-lagrange``. Unknown names or options, and out-of-range values, raise
+    ValueError naming them.
+    """
+    if not isinstance(name, str) or name.lower() not in DEFAULTS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    name = name.lower()
+    opts = dict(DEFAULTS[name])
+    opts["tail_ratio"] = 1.0
+    for key, val in options.items():
+        if key not in opts:
+            raise ValueError(f"{name}: unknown option {key!r}; accepted: {', '.join(sorted(opts))}")
+        opts[key] = _check_option(name, key, val)
+    if name == "flowbp-bridge" and opts["num_active"] < 2:
+        raise ValueError(f"flowbp-bridge: num_active must be >= 2 (one before and one at the split), "
+                         f"got {opts['num_active']}")
+    return Method(name, opts)
+
+
+def _check_option(method: str, key: str, val):
+    if key == "dirichlet":
+        vals = tuple(float(x) for x in val)
+        if len(vals) != 3 or any(not (math.isfinite(x) and x > 0) for x in vals):
+            raise ValueError(f"{method}: dirichlet must be three positive numbers, got {val!r}")
+        return vals
+    if key == "max_j_rev" and val is None:
+        return None
+    if key in _INT_OPTIONS:
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{method}: {key} must be an integer >= 1, got {val!r}")
+        return val
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+        raise ValueError(f"{method}: {key} must be a finite number, got {val!r}")
+    val = float(val)
+    if key == "tail_ratio" and not 0 < val <= 1:
+        raise ValueError(f"{method}: tail_ratio must be in (0, 1], got {val}")
+    if key == "early_stop_ratio" and not 0 < val <= 1:
+        raise ValueError(f"{method}: early_stop_ratio must be in (0, 1], got {val}")
+    if val < 0:
+        raise ValueError(f"{method}: {key} must be >= 0, got {val}")
+    return val
