@@ -97,7 +97,8 @@ class _GradRecorder:
 
     def _make_hook(self, p):
         def hook(grad):
-            s = grad.detach().float().pow(2).sum()
+            g = grad.detach()
+            s = (g if g.dtype == torch.float64 else g.float()).pow(2).sum()
             self.sq = s if self.sq is None else self.sq + s
             if self.keep:
                 prev = self.vectors.get(id(p))

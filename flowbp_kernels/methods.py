@@ -313,7 +313,8 @@ class Method:
         o = self.options
         k_total = o["num_active"]
         l_pre, l_post = j - s, n - j
-        k_pre = min(max(round(k_total * l_pre / (l_pre + l_post)), 1), l_pre)
+        # the post-segment always holds j, so the pre-segment takes at most k_total - 1
+        k_pre = min(max(round(k_total * l_pre / (l_pre + l_post)), 1), l_pre, k_total - 1)
         k_post = min(max(k_total - k_pre, 1), l_post)
         left = k_total - k_pre - k_post
         if left > 0:
