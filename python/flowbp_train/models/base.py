@@ -8,6 +8,7 @@ trainer need: prompt encoding (cached per run), initial noise, the sigma schedul
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,3 +72,108 @@ class FlowAdapter(ABC):
 
     def offload_text_encoders(self) -> None:
         """Move text encoders to CPU once prompts are encoded (no-op by default)."""
+        return None
+
+    # ------------------------------------------------------------------ shared helpers (trainer side)
+    #: the diffusers pipeline class whose ``save_lora_weights`` / ``load_lora_weights`` define the LoRA
+    #: file format of this family (None: the adapter overrides :meth:`save_lora_weights`).
+    pipeline_class: type | None = None
+    #: the loaded pipeline, when the adapter was built from one (sample images, model card).
+    pipeline = None
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Transformer (and VAE, when there is one) gradient checkpointing."""
+        if hasattr(self.transformer, "enable_gradient_checkpointing"):
+            self.transformer.enable_gradient_checkpointing()
+        vae = getattr(self, "vae", None)
+        if vae is not None and hasattr(vae, "enable_gradient_checkpointing"):
+            vae.enable_gradient_checkpointing()
+
+    def save_lora_weights(self, save_directory: str | os.PathLike, transformer_lora_layers: dict) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (loadable with
+        ``pipe.load_lora_weights(save_directory)``); keys are the peft state dict of the transformer."""
+        if self.pipeline_class is None:
+            raise NotImplementedError(f"{type(self).__name__} has no pipeline_class; override save_lora_weights")
+        self.pipeline_class.save_lora_weights(
+            save_directory, transformer_lora_layers=transformer_lora_layers, safe_serialization=True
+        )
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Every module other than the transformer that must stay frozen (VAE, text encoders)."""
+        return [m for m in (getattr(self, "vae", None),) if m is not None]
+
+    def _encode_cached(self, prompts: Sequence[str], encode: Callable[[list[str]], dict[str, torch.Tensor]]
+                       ) -> dict[str, torch.Tensor]:
+        """Encode only the prompts not seen yet in this run (kept on CPU), then gather the batch."""
+        cache: dict[str, dict[str, torch.Tensor]] = self.__dict__.setdefault("_prompt_cache", {})
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            with torch.no_grad():
+                out = encode(missing)
+            for q, p in enumerate(missing):
+                cache[p] = {k: v[q : q + 1].detach().to("cpu") for k, v in out.items()}
+        keys = cache[prompts[0]].keys()
+        return {k: torch.cat([cache[p][k] for p in prompts]).to(self.device) for k in keys}
+
+
+def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move to ``device``; cast to ``dtype`` only when some floating parameter differs (diffusers warns
+    on every cast)."""
+    module.to(device)
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)
+    return module
+
+
+def guided_velocity(
+    forward: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor],
+    x: torch.Tensor,
+    cond: dict[str, torch.Tensor],
+    negative: dict[str, torch.Tensor] | None,
+    guidance_scale: float,
+    grad_negative: bool,
+) -> torch.Tensor:
+    """Two-branch classifier-free guidance ``v_neg + g (v_cond - v_neg)``.
+
+    The negative branch runs under no_grad at the detached input unless ``grad_negative`` (the
+    reference's ``cfg_detach_neg``); ``g == 1`` or no negative embeddings gives the conditional branch.
+    """
+    v_cond = forward(x, cond)
+    if negative is None or guidance_scale == 1.0:
+        return v_cond
+    if grad_negative:
+        v_neg = forward(x, negative)
+    else:
+        with torch.no_grad():
+            v_neg = forward(x.detach(), negative)
+    return v_neg + guidance_scale * (v_cond - v_neg)
+
+
+def load_pipeline(pipeline_cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype,
+                  revision: str | None = None, local_files_only: bool | None = None, **kwargs):
+    """``pipeline_cls.from_pretrained`` with a clear, fast error when the weights are not reachable.
+
+    A local folder is loaded as is. A model id is looked up in the Hugging Face cache first; without
+    network (or with ``HF_HUB_OFFLINE=1`` / ``local_files_only=True``) a missing model fails at once with
+    a message that says how to provide local weights.
+    """
+    path = str(pretrained_model_name_or_path)
+    how = (f"download it where there is network (e.g. `hf download {path} --local-dir DIR`) and pass "
+           f"pretrained_model_name_or_path=DIR")
+    if os.path.isdir(path):
+        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
+    if path.startswith((".", "/", "~")) or os.sep + os.sep in path or path.count("/") > 1:
+        raise FileNotFoundError(f"pretrained_model_name_or_path: local folder not found: {path}")
+    offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, revision=revision, local_files_only=True,
+                                            **kwargs)
+    except Exception as exc:  # not in the cache (or incomplete): try the hub unless offline
+        if offline:
+            raise OSError(f"pretrained_model_name_or_path: {path!r} is not a local folder and is not in the "
+                          f"Hugging Face cache (offline mode); {how}") from exc
+    try:
+        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, revision=revision, **kwargs)
+    except Exception as exc:
+        raise OSError(f"pretrained_model_name_or_path: could not load {path!r} from the Hugging Face hub "
+                      f"({type(exc).__name__}); {how}") from exc

@@ -1,0 +1,151 @@
+"""FLUX.1-dev adapter (``FluxPipeline``, ``FluxTransformer2DModel``).
+
+Packed latents (2x2 patches of the 16-channel VAE latent, ``[B, (H/16)(W/16), 64]``), the embedded
+guidance of the guidance-distilled model (default 4.0, no negative branch), the dynamic shift
+``mu = flux_mu(sequence length)`` and timestep = sigma (the pipeline passes timestep / 1000)
+(shared/design/REFERENCE.md sections 1.2-1.5). Decoding unpacks, undoes the VAE scaling and shift and
+maps [-1, 1] to [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from flowbp_kernels import flow_sigmas, flux_mu
+from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, load_pipeline, place_module
+
+PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def _flux_pipeline_class():
+    from diffusers import FluxPipeline
+
+    return FluxPipeline
+
+
+class FluxAdapter(FlowAdapter):
+    """FLUX.1 adapter around a ``FluxPipeline``.
+
+    Args:
+        pipeline: the pipeline (transformer, VAE, CLIP and T5 text encoders, scheduler).
+        resolution: image side in pixels (a multiple of 16).
+        guidance_scale: the embedded guidance (ignored by a transformer without ``guidance_embeds``).
+        device, dtype: where and in which dtype the transformer runs.
+        max_sequence_length: T5 tokens (FLUX.1-dev: up to 512).
+        prompt_encoder: ``f(prompts) -> {"encoder_hidden_states": [B, L, 4096], "pooled_projections":
+            [B, 768]}`` replacing the text encoders (tests, pre-computed embeddings).
+    """
+
+    family = "flux1"
+    # diffusers' train_dreambooth_lora_flux.py default target modules
+    default_lora_targets = (
+        "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    )
+    default_guidance = 4.0
+
+    def __init__(self, pipeline, *, resolution: int = 512, guidance_scale: float | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None):
+        self.pipeline = pipeline
+        self.pipeline_class = type(self).pipeline_class or _flux_pipeline_class()
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if not isinstance(resolution, int) or resolution % (2 * self.vae_scale_factor):
+            raise ValueError(f"resolution must be a multiple of {2 * self.vae_scale_factor}, got {resolution!r}")
+        self.resolution = resolution
+        self.guidance_scale = float(self.default_guidance if guidance_scale is None else guidance_scale)
+        self.max_sequence_length = max_sequence_length or 512
+        self.prompt_encoder = prompt_encoder
+        self.latent_side = resolution // self.vae_scale_factor  # before 2x2 packing
+        self.num_channels = self.transformer.config.in_channels // 4
+        place_module(self.transformer, self.device, self.dtype)
+        place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
+        side = self.latent_side // 2
+        self.img_ids = pipeline._prepare_latent_image_ids(1, side, side, self.device, self.dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
+                        revision: str | None = None, local_files_only: bool | None = None, **kw) -> FluxAdapter:
+        """Load ``FluxPipeline`` (local folder or cached model id) and wrap it."""
+        pipe = load_pipeline(_flux_pipeline_class(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
+                             local_files_only=local_files_only)
+        return cls(pipe, dtype=dtype, **kw)
+
+    # ------------------------------------------------------------------ prompts
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.prompt_encoder is not None:
+            return self.prompt_encoder(prompts)
+        enc = self.pipeline.text_encoder_2 or self.pipeline.text_encoder
+        emb, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, device=next(enc.parameters()).device,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        return PromptBatch(prompts, self._encode_cached(prompts, self._encode), None)
+
+    def offload_text_encoders(self) -> None:
+        for name in ("text_encoder", "text_encoder_2"):
+            enc = getattr(self.pipeline, name, None)
+            if enc is not None:
+                enc.to("cpu")
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.vae, getattr(self.pipeline, "text_encoder", None),
+                            getattr(self.pipeline, "text_encoder_2", None)) if m is not None]
+
+    # ------------------------------------------------------------------ latents and schedule
+    @property
+    def image_seq_len(self) -> int:
+        return (self.latent_side // 2) ** 2
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        c, s = self.num_channels, self.latent_side
+        z = torch.randn((batch_size, c, s, s), generator=generator, dtype=torch.float32)
+        return self.pipeline._pack_latents(z, batch_size, c, s, s).to(self.device)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        sc = self.pipeline.scheduler.config if getattr(self.pipeline, "scheduler", None) is not None else {}
+        if sc and not sc.get("use_dynamic_shifting", True):
+            return flow_sigmas(num_steps, shift=float(sc.get("shift", 1.0)))
+        mu = flux_mu(self.image_seq_len, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
+                     sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
+        return flow_sigmas(num_steps, mu=mu)
+
+    # ------------------------------------------------------------------ velocity and decode
+    def velocity_fn(self, batch: PromptBatch, sigmas: torch.Tensor, *, grad_negative: bool = False) -> VelocityFn:
+        sig = [float(s) for s in torch.as_tensor(sigmas).tolist()]
+        emb = batch.tensors["encoder_hidden_states"].to(self.device, self.dtype)
+        pooled = batch.tensors["pooled_projections"].to(self.device, self.dtype)
+        txt_ids = torch.zeros(emb.shape[1], 3, device=self.device, dtype=self.dtype)
+        use_guidance = bool(getattr(self.transformer.config, "guidance_embeds", False))
+
+        def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+            b = x.shape[0]
+            t = torch.full((b,), sig[i], device=x.device, dtype=self.dtype)
+            guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32) \
+                if use_guidance else None
+            return self.transformer(
+                hidden_states=x.to(self.dtype), timestep=t, guidance=guidance, pooled_projections=pooled,
+                encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=self.img_ids, return_dict=False,
+            )[0]
+
+        return velocity
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.vae.config
+        z = self.pipeline._unpack_latents(latents, self.resolution, self.resolution, self.vae_scale_factor)
+        z = z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (img.float() * 0.5 + 0.5).clamp(0, 1)

@@ -1,0 +1,152 @@
+"""FLUX.2-Klein-base adapter (diffusers' ``Flux2KleinPipeline``, ``Flux2Transformer2DModel``).
+
+Latents are 2x2-patchified VAE latents (32 -> 128 channels), normalised by the VAE's batch-norm
+statistics and packed to ``[B, (H/16)(W/16), 128]``; real two-branch CFG (default 4.0, empty negative
+prompt, negative branch without gradient unless ``grad_negative``); the FLUX.2 empirical shift
+``mu = flux2_mu(sequence length, N)``; timestep = sigma (shared/design/REFERENCE.md sections 1.2-1.5).
+Decoding undoes the normalisation and the patchify, then runs the frozen VAE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from flowbp_kernels import flow_sigmas, flux2_mu
+from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, guided_velocity, load_pipeline, place_module
+
+PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def _flux2_pipeline_class():
+    from diffusers import Flux2KleinPipeline
+
+    return Flux2KleinPipeline
+
+
+class Flux2Adapter(FlowAdapter):
+    """FLUX.2-Klein adapter around a ``Flux2KleinPipeline``.
+
+    Args:
+        pipeline: the pipeline (transformer, ``AutoencoderKLFlux2``, Qwen3 text encoder, scheduler).
+        resolution: image side in pixels (a multiple of 16).
+        guidance_scale: CFG scale (1 disables the negative branch).
+        device, dtype: where and in which dtype the transformer runs.
+        max_sequence_length: text tokens (the pipeline's default 512).
+        prompt_encoder: ``f(prompts) -> {"encoder_hidden_states": [B, L, D]}`` replacing the text encoder.
+    """
+
+    family = "flux2"
+    # diffusers' train_dreambooth_lora_flux2*.py default target modules
+    default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    default_guidance = 4.0
+
+    def __init__(self, pipeline, *, resolution: int = 512, guidance_scale: float | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None):
+        self.pipeline = pipeline
+        self.pipeline_class = type(self).pipeline_class or _flux2_pipeline_class()
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if not isinstance(resolution, int) or resolution % (2 * self.vae_scale_factor):
+            raise ValueError(f"resolution must be a multiple of {2 * self.vae_scale_factor}, got {resolution!r}")
+        self.resolution = resolution
+        self.guidance_scale = float(self.default_guidance if guidance_scale is None else guidance_scale)
+        self.max_sequence_length = max_sequence_length or 512
+        self.prompt_encoder = prompt_encoder
+        self.side = resolution // (2 * self.vae_scale_factor)  # packed grid side
+        self.channels = self.transformer.config.in_channels  # 4 x VAE latent channels
+        place_module(self.transformer, self.device, self.dtype)
+        place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
+        grid = torch.zeros(1, 1, self.side, self.side)
+        self.img_ids = pipeline._prepare_latent_ids(grid).to(self.device)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
+                        revision: str | None = None, local_files_only: bool | None = None, **kw) -> Flux2Adapter:
+        """Load ``Flux2KleinPipeline`` (local folder or cached model id) and wrap it."""
+        pipe = load_pipeline(_flux2_pipeline_class(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
+                             local_files_only=local_files_only)
+        return cls(pipe, dtype=dtype, **kw)
+
+    # ------------------------------------------------------------------ prompts
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.prompt_encoder is not None:
+            return self.prompt_encoder(prompts)
+        enc = self.pipeline.text_encoder
+        emb, _ = self.pipeline.encode_prompt(prompt=prompts, device=next(enc.parameters()).device,
+                                             max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": emb}
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        cond = self._encode_cached(prompts, self._encode)
+        negative = self._encode_cached([""] * len(prompts), self._encode) if self.guidance_scale != 1.0 else None
+        return PromptBatch(prompts, cond, negative)
+
+    def offload_text_encoders(self) -> None:
+        enc = getattr(self.pipeline, "text_encoder", None)
+        if enc is not None:
+            enc.to("cpu")
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.vae, getattr(self.pipeline, "text_encoder", None)) if m is not None]
+
+    # ------------------------------------------------------------------ latents and schedule
+    @property
+    def image_seq_len(self) -> int:
+        return self.side * self.side
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = torch.randn((batch_size, self.channels, self.side, self.side), generator=generator, dtype=torch.float32)
+        return self.pipeline._pack_latents(z).to(self.device)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        return flow_sigmas(num_steps, mu=flux2_mu(self.image_seq_len, num_steps))
+
+    # ------------------------------------------------------------------ velocity and decode
+    def velocity_fn(self, batch: PromptBatch, sigmas: torch.Tensor, *, grad_negative: bool = False) -> VelocityFn:
+        sig = [float(s) for s in torch.as_tensor(sigmas).tolist()]
+        use_guidance = bool(getattr(self.transformer.config, "guidance_embeds", False))
+        ids = {}
+
+        def text_ids(emb: torch.Tensor) -> torch.Tensor:
+            if emb.shape not in ids:
+                ids[emb.shape] = self.pipeline._prepare_text_ids(emb).to(self.device)
+            return ids[emb.shape]
+
+        def forward(x: torch.Tensor, sigma: float, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            b = x.shape[0]
+            emb = tensors["encoder_hidden_states"].to(self.device, self.dtype)
+            t = torch.full((b,), sigma, device=x.device, dtype=self.dtype)
+            guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32) \
+                if use_guidance else None
+            return self.transformer(
+                hidden_states=x.to(self.dtype), timestep=t, guidance=guidance, encoder_hidden_states=emb,
+                txt_ids=text_ids(emb), img_ids=self.img_ids.expand(b, -1, -1), return_dict=False,
+            )[0]
+
+        # guidance-embedded (distilled) variants use no negative branch
+        g = 1.0 if use_guidance else self.guidance_scale
+
+        def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+            return guided_velocity(lambda z, emb: forward(z, sig[i], emb), x, batch.tensors, batch.negative, g,
+                                   grad_negative)
+
+        return velocity
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        b, n, c = latents.shape
+        z = latents.permute(0, 2, 1).reshape(b, c, self.side, self.side)  # inverse of _pack_latents
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(z.device, z.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(z.device, z.dtype)
+        z = self.pipeline._unpatchify_latents(z * std + mean)
+        img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (img.float() * 0.5 + 0.5).clamp(0, 1)

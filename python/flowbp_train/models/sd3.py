@@ -1,0 +1,169 @@
+"""SD3.5-Medium adapter (``StableDiffusion3Pipeline``, ``SD3Transformer2DModel``).
+
+Two-branch CFG ``v_neg + g (v_cond - v_neg)`` (default g = 3.5) with the empty prompt as the negative
+branch, run without gradient unless ``grad_negative``; static shift 3.0; timestep = 1000 sigma
+(shared/design/REFERENCE.md sections 1.2-1.5). The velocity/CFG logic only needs a transformer that
+takes ``encoder_hidden_states`` and ``pooled_projections``: the CPU miniature (pixel space, no VAE,
+its own text encoder) subclasses this adapter and overrides prompt encoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from flowbp_kernels import flow_sigmas
+from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, guided_velocity, load_pipeline, place_module
+
+PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def _sd3_pipeline_class():
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline
+
+
+class SD3Adapter(FlowAdapter):
+    """SD3-family adapter. Build it from a pipeline, or from components (``transformer``, ``vae``
+    (None: pixel space), ``prompt_encoder``) for models without a diffusers pipeline.
+
+    Args:
+        pipeline: a ``StableDiffusion3Pipeline`` (its transformer, VAE and text encoders are used).
+        transformer, vae: components, when ``pipeline`` is None.
+        resolution: image side in pixels.
+        guidance_scale: CFG scale (1 disables the negative branch).
+        shift: the static schedule shift (SD3.5: 3.0; default: the pipeline scheduler's ``shift``).
+        device, dtype: where and in which dtype the transformer runs.
+        max_sequence_length: T5 tokens (the pipeline's default 256).
+        prompt_encoder: ``f(prompts) -> {"encoder_hidden_states": [B, L, D], "pooled_projections": [B, P]}``
+            replacing the pipeline's text encoders (tests, pre-computed embeddings).
+    """
+
+    family = "sd3"
+    # diffusers' train_dreambooth_lora_sd3.py default target modules
+    default_lora_targets = (
+        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+        "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+    )
+    default_guidance = 3.5
+    default_shift = 3.0
+    timestep_scale = 1000.0  # SD3 takes the scheduler timestep (1000 sigma)
+
+    def __init__(self, pipeline=None, *, transformer: torch.nn.Module | None = None, vae=None,
+                 resolution: int = 512, guidance_scale: float | None = None, shift: float | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None):
+        if pipeline is None and transformer is None:
+            raise ValueError("pass a pipeline or a transformer")
+        if not isinstance(resolution, int) or resolution < 8:
+            raise ValueError(f"resolution must be an integer >= 8, got {resolution!r}")
+        self.pipeline = pipeline
+        self.transformer = transformer if transformer is not None else pipeline.transformer
+        self.vae = vae if pipeline is None else pipeline.vae
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.resolution = resolution
+        self.guidance_scale = float(self.default_guidance if guidance_scale is None else guidance_scale)
+        sched_shift = None
+        if pipeline is not None and getattr(pipeline, "scheduler", None) is not None:
+            sched_shift = pipeline.scheduler.config.get("shift")
+        self.shift = float(shift if shift is not None else (sched_shift or self.default_shift))
+        self.max_sequence_length = max_sequence_length or 256
+        self.prompt_encoder = prompt_encoder
+        self.pipeline_class = type(self).pipeline_class or _sd3_pipeline_class()
+        place_module(self.transformer, self.device, self.dtype)
+        if self.vae is not None:
+            place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
+                        revision: str | None = None, local_files_only: bool | None = None, **kw) -> SD3Adapter:
+        """Load ``StableDiffusion3Pipeline`` (local folder or cached model id) and wrap it."""
+        pipe = load_pipeline(_sd3_pipeline_class(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
+                             local_files_only=local_files_only)
+        return cls(pipe, dtype=dtype, **kw)
+
+    # ------------------------------------------------------------------ prompts
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.prompt_encoder is not None:
+            return self.prompt_encoder(prompts)
+        emb, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self._text_device(),
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+        )
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+    def _text_device(self) -> torch.device:
+        enc = getattr(self.pipeline, "text_encoder", None)
+        return next(enc.parameters()).device if enc is not None else self.device
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        cond = self._encode_cached(prompts, self._encode)
+        negative = None
+        if self.guidance_scale != 1.0:
+            negative = self._encode_cached([""] * len(prompts), self._encode)
+        return PromptBatch(prompts, cond, negative)
+
+    def offload_text_encoders(self) -> None:
+        if self.pipeline is None:
+            return
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            enc = getattr(self.pipeline, name, None)
+            if enc is not None:
+                enc.to("cpu")
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        mods = super().frozen_modules()
+        if self.pipeline is not None:
+            mods += [m for m in (getattr(self.pipeline, n, None) for n in
+                                 ("text_encoder", "text_encoder_2", "text_encoder_3")) if m is not None]
+        return mods
+
+    # ------------------------------------------------------------------ latents and schedule
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        side = self.resolution // self.vae_scale_factor
+        return (batch_size, self.transformer.config.in_channels, side, side)
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(self.latent_shape(batch_size), generator=generator, dtype=torch.float32).to(self.device)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        return flow_sigmas(num_steps, shift=self.shift)
+
+    # ------------------------------------------------------------------ velocity and decode
+    def _forward(self, x: torch.Tensor, sigma: float, emb: dict[str, torch.Tensor]) -> torch.Tensor:
+        t = torch.full((x.shape[0],), sigma * self.timestep_scale, device=x.device, dtype=self.dtype)
+        return self.transformer(
+            hidden_states=x.to(self.dtype), timestep=t,
+            encoder_hidden_states=emb["encoder_hidden_states"].to(self.dtype),
+            pooled_projections=emb["pooled_projections"].to(self.dtype), return_dict=False,
+        )[0]
+
+    def velocity_fn(self, batch: PromptBatch, sigmas: torch.Tensor, *, grad_negative: bool = False) -> VelocityFn:
+        sig = [float(s) for s in torch.as_tensor(sigmas).tolist()]
+        g = self.guidance_scale
+
+        def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+            fwd = lambda z, emb: self._forward(z, sig[i], emb)
+            return guided_velocity(fwd, x, batch.tensors, batch.negative, g, grad_negative)
+
+        return velocity
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:  # pixel space
+            return (latents.float() * 0.5 + 0.5).clamp(0, 1)
+        cfg = self.vae.config
+        z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+        img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (img.float() * 0.5 + 0.5).clamp(0, 1)
