@@ -77,7 +77,8 @@ class TrainConfig:
     loss_margin: float = 0.55
     # data
     prompts: Any = "demo"  # "demo", a text file (one prompt per line), or an inline list
-    train_batch_size: int = 1
+    train_batch_size: int = 1  # per rank
+    gradient_accumulation_steps: int = 1
     # optimisation
     rank: int = 16  # LoRA rank; 0 = full fine-tuning
     lora_alpha: float | None = None  # None: equal to rank
@@ -308,6 +309,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
           f"prompts: expected 'demo', a list of strings or a text file path, got {type(prompts).__name__}")
     _need(len(load_prompts(prompts)) > 0, f"prompts: no prompts found in {prompts!r}")
     _need(cfg.train_batch_size >= 1, f"train_batch_size: expected an integer >= 1, got {cfg.train_batch_size}")
+    _need(cfg.gradient_accumulation_steps >= 1,
+          f"gradient_accumulation_steps: expected an integer >= 1, got {cfg.gradient_accumulation_steps}")
     _need(cfg.rank >= 0, f"rank: expected an integer >= 0 (0 = full fine-tuning), got {cfg.rank}")
     _need(cfg.lora_alpha is None or cfg.lora_alpha > 0, f"lora_alpha: expected a number > 0, got {cfg.lora_alpha}")
     _need(0 <= cfg.lora_dropout < 1, f"lora_dropout: expected a number in [0, 1), got {cfg.lora_dropout}")

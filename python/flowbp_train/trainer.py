@@ -1,0 +1,471 @@
+"""The training loop: cached rollout -> method plan -> executor -> clip -> AdamW -> EMA -> log/checkpoint.
+
+One step (shared/design/ALGORITHM.md sections 2-5): sample prompts and noise, roll the model out without
+gradient caching every latent and velocity, draw the method's plan from the index sampler (its own
+CPU generator, seeded identically on every rank), let ``flowbp_kernels.reward_backprop`` accumulate the
+parameter gradients, then clip (default 1.0), step AdamW and the EMA. A non-finite loss or gradient
+skips the step; ``max_nonfinite_steps`` in a row stop the run. Data parallelism (issue 6) plugs in at
+three isolated points: :func:`wrap_model`, :func:`shard_prompts` and :func:`sync_gradients`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from flowbp_kernels import NonFiniteLossError, get_method, reward_backprop, rollout
+from flowbp_train import checkpoint as ckpt
+from flowbp_train.config import TrainConfig, dump_yaml, load_prompts, validate
+from flowbp_train.models.base import FlowAdapter
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {spec!r} requested but CUDA is not available")
+    return dev
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) unless torch.distributed is initialised (torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard_prompts(prompts: list[str], rank: int, world_size: int) -> list[str]:
+    """This rank's share of the prompts (every world_size-th, starting at rank); never empty."""
+    shard = prompts[rank::world_size]
+    return shard or prompts
+
+
+def wrap_model(transformer: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """Where DDP / FSDP2 (``fully_shard`` per block) will wrap the transformer; identity on one rank."""
+    return transformer
+
+
+def sync_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """Average gradients across ranks, once, after the executor's last node (the engine runs several
+    backward passes per step, so per-backward DDP hooks would sync too often)."""
+    if world_size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+
+
+def add_trainable(adapter: FlowAdapter, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """LoRA via peft (``rank > 0``; diffusers' default targets unless ``lora_target_modules``) or full
+    fine-tuning (``rank: 0``). Frozen modules are frozen; LoRA weights train in fp32."""
+    tr = adapter.transformer
+    for m in adapter.frozen_modules():
+        m.requires_grad_(False)
+    if cfg.rank == 0:
+        tr.requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        tr.requires_grad_(False)
+        targets = list(cfg.lora_target_modules or adapter.default_lora_targets)
+        tr.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_lora_alpha, lora_dropout=cfg.lora_dropout,
+                                  init_lora_weights="gaussian", target_modules=targets))
+        for p in tr.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    params = [p for p in tr.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("lora_target_modules: no module of the transformer matched; nothing to train")
+    return params
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (fp32 shadow copies)."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily load the EMA weights into the parameters."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for v, p in zip(saved, self.params):
+                    p.copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
+
+
+class Tracker:
+    """Per-step log: a JSONL file always, tensorboard (default) and/or wandb (``report_to``)."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.tb = self.wandb = self.jsonl = None
+        if not enabled:
+            return
+        log_dir = out / cfg.logging_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(log_dir / "train_log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if cfg.report_to in ("tensorboard", "all"):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(log_dir))
+        if cfg.report_to in ("wandb", "all"):
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("report_to: wandb is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=cfg.tracker_project_name, config=cfg.to_dict(), dir=str(out))
+
+    def log(self, record: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record, default=float) + "\n")
+        self.jsonl.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and v is not None and math.isfinite(v)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _mean(t) -> float | None:
+    return None if t is None else float(t.float().mean())
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process RSS high-water (KiB -> GiB)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the per-step records (also in ``logs/train_log.jsonl``)."""
+
+    output_dir: Path
+    global_step: int
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float | None]:
+        return [r["loss"] for r in self.records]
+
+
+# ------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns the adapter, reward, optimizer and state of one run. ``adapter`` / ``reward`` may be given
+    (tests, notebooks); otherwise they are built from the config."""
+
+    def __init__(self, cfg: TrainConfig, *, adapter: FlowAdapter | None = None, reward=None):
+        self.cfg = validate(cfg)
+        self.rank, self.world_size = dist_info()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(cfg.device) if adapter is None else adapter.device
+        self.out = Path(cfg.output_dir)
+        self.method = get_method(cfg.method, **cfg.method_options)
+        self.prompts = shard_prompts(load_prompts(cfg.prompts), self.rank, self.world_size)
+        self.loss_spec = "neg" if cfg.loss == "neg" else ("hinge", cfg.loss_margin)
+        self.tracker = Tracker(cfg, self.out, self.is_main)  # fails early on a missing wandb
+        bf16 = cfg.mixed_precision == "bf16"
+        self.latent_dtype = torch.bfloat16 if bf16 else torch.float32
+        if adapter is None:
+            from flowbp_train.models import build_adapter
+
+            adapter = build_adapter(cfg.family, cfg.pretrained_model_name_or_path, resolution=cfg.resolution,
+                                    guidance_scale=cfg.guidance_scale, device=self.device,
+                                    dtype=self.latent_dtype, revision=cfg.revision,
+                                    max_sequence_length=cfg.max_sequence_length)
+        self.adapter = adapter
+        if reward is None:
+            from flowbp_train.rewards import get_reward
+
+            reward = get_reward(cfg.reward, **cfg.reward_kwargs)
+        if isinstance(reward, torch.nn.Module):
+            reward.to(self.device).requires_grad_(False).eval()
+        self.reward = reward
+        self.params = add_trainable(adapter, cfg)
+        if cfg.gradient_checkpointing:
+            adapter.enable_gradient_checkpointing()
+        adapter.transformer = wrap_model(adapter.transformer, cfg)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                          num_training_steps=cfg.max_train_steps)
+        self.ema = EMA(self.params, cfg.ema_decay) if cfg.use_ema else None
+        # one generator per purpose, so that resuming restores each stream exactly
+        self.generators = {
+            "index_sampler": torch.Generator().manual_seed(cfg.sampler_seed),  # same on every rank
+            "data": torch.Generator().manual_seed(cfg.seed + 1000 * self.rank),
+            "noise": torch.Generator().manual_seed(cfg.seed + 1000 * self.rank + 1),
+        }
+        self.global_step = 0
+        self.nonfinite_in_a_row = 0
+        if cfg.offload_text_encoders:  # encode every prompt of this rank once, then free the encoders
+            for i in range(0, len(self.prompts), 8):
+                adapter.encode_prompts(self.prompts[i : i + 8])
+            adapter.offload_text_encoders()
+
+    # -------------------------------------------------------------- one step
+    def _micro_step(self, loss_scale: float) -> tuple:
+        cfg, ad = self.cfg, self.adapter
+        idx = torch.randint(len(self.prompts), (cfg.train_batch_size,), generator=self.generators["data"])
+        prompts = [self.prompts[i] for i in idx.tolist()]
+        batch = ad.encode_prompts(prompts)
+        sigmas = ad.sigmas(cfg.num_steps)
+        velocity = ad.velocity_fn(batch, sigmas, grad_negative=cfg.grad_negative)
+        x_init = ad.initial_noise(cfg.train_batch_size, generator=self.generators["noise"])
+        ro = rollout(velocity, x_init, sigmas, cache=cfg.velocity_cache, latent_dtype=self.latent_dtype)
+        plan = self.method.plan(cfg.num_steps, self.generators["index_sampler"])
+        if cfg.cfg_grad_compensate and ad.guidance_scale > 1 and ad.family != "flux1":
+            loss_scale = loss_scale / ad.guidance_scale
+        out = reward_backprop(self.method, velocity, ro, lambda x: self.reward.score(ad.decode(x), prompts),
+                              plan=plan, executor=cfg.executor, loss=self.loss_spec, params=self.params,
+                              loss_scale=loss_scale)
+        return out, prompts
+
+    def training_step(self) -> dict:
+        """One optimizer step (``gradient_accumulation_steps`` micro-batches); returns the log record."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        outs, skip_reason = [], None
+        for _ in range(cfg.gradient_accumulation_steps):
+            try:
+                out, _ = self._micro_step(1.0 / cfg.gradient_accumulation_steps)
+            except NonFiniteLossError as exc:
+                skip_reason = str(exc)
+                break
+            outs.append(out)
+        grad_norm = clipped = None
+        if skip_reason is None:
+            sync_gradients(self.params, self.world_size)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                skip_reason = f"non-finite gradient norm {grad_norm}"
+        if skip_reason is None:
+            clipped = float(torch.linalg.vector_norm(
+                torch.stack([p.grad.float().norm() for p in self.params if p.grad is not None])))
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            warnings.warn(f"step {self.global_step + 1} skipped: {skip_reason}", RuntimeWarning, stacklevel=2)
+            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{self.nonfinite_in_a_row} non-finite steps in a row (last: {skip_reason}); stopping. Try a "
+                    f"lower learning_rate, mixed_precision=no, or check the reward and the model weights")
+        self.global_step += 1
+        return self._record(outs, grad_norm, clipped, skip_reason, time.perf_counter() - t0)
+
+    def _record(self, outs, grad_norm, clipped, skip_reason, seconds) -> dict:
+        rec = {"step": self.global_step, "skipped": skip_reason is not None, "lr": self.lr_scheduler.get_last_lr()[0],
+               "grad_norm": grad_norm, "grad_norm_clipped": clipped, "step_time": seconds,
+               "peak_memory_gb": _peak_memory_gb(self.device)}
+        if outs:
+            d = outs[-1].diagnostics
+            rec.update(
+                loss=sum(float(o.loss) for o in outs),
+                reward=float(torch.cat([o.reward for o in outs]).float().mean()),
+                weight=float(torch.cat([o.weight for o in outs]).float().mean()),
+                weights=[float(w) for o in outs for w in o.weight],
+                rewards=[float(r) for o in outs for r in o.reward],
+                d_j=_mean(d.get("d_j")), d_0=_mean(d.get("d_0")),
+                k=d.get("k"), j=d.get("j"), tau=d.get("tau"), active=list(d.get("active") or ()),
+                node_grad_norms=[n.get("grad_norm") for n in d.get("nodes", [])],
+            )
+        else:
+            rec.update(loss=None, reward=None)
+        return rec
+
+    # -------------------------------------------------------------- checkpoints
+    def _write_weights(self, folder: Path) -> None:
+        tr = self.adapter.transformer
+        if self.cfg.rank == 0:
+            tr.save_pretrained(folder / "transformer")
+        else:
+            from peft.utils import get_peft_model_state_dict
+
+            self.adapter.save_lora_weights(folder, get_peft_model_state_dict(tr))
+
+    def _read_weights(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        tr = self.adapter.transformer
+        if self.cfg.rank == 0:
+            state = {}
+            for f in sorted((folder / "transformer").glob("*.safetensors")):
+                state.update(load_file(f))
+            tr.load_state_dict(state, strict=True)
+            return
+        from peft.utils import set_peft_model_state_dict
+
+        state = load_file(folder / ckpt.LORA_FILE)
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        res = set_peft_model_state_dict(tr, state, adapter_name="default")
+        if getattr(res, "unexpected_keys", None):
+            raise RuntimeError(f"checkpoint {folder}: unexpected LoRA keys {res.unexpected_keys[:3]}...")
+        for p in self.params:  # peft copies in the file's dtype into our fp32 LoRA weights
+            p.data = p.data.float()
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.is_main:
+            return None
+        return ckpt.save_checkpoint(
+            self.out, self.global_step, self._write_weights, optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators,
+            state={"method": self.cfg.method, "nonfinite_in_a_row": self.nonfinite_in_a_row},
+            total_limit=self.cfg.checkpoints_total_limit,
+        )
+
+    def resume(self) -> None:
+        folder = ckpt.resolve_checkpoint(self.out, self.cfg.resume_from_checkpoint)
+        if folder is None:
+            if self.cfg.resume_from_checkpoint == "latest":
+                warnings.warn(f"resume_from_checkpoint=latest: no checkpoint in {self.out}; starting fresh",
+                              stacklevel=2)
+            return
+        state = ckpt.load_checkpoint(folder, self._read_weights, optimizer=self.optimizer,
+                                     lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators,
+                                     map_location=self.device)
+        self.global_step = int(state["global_step"])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+
+    # -------------------------------------------------------------- the loop
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        self.resume()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(dump_yaml(cfg))
+        result = TrainResult(self.out, self.global_step)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_train_steps, initial=self.global_step, desc="flowbp",
+                   disable=not (cfg.progress_bar and self.is_main))
+        try:
+            while self.global_step < cfg.max_train_steps:
+                rec = self.training_step()
+                result.records.append(rec)
+                self.tracker.log(rec, self.global_step)
+                bar.update(1)
+                if rec["loss"] is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", reward=f"{rec['reward']:.4f}")
+                if self.global_step % cfg.checkpointing_steps == 0 or self.global_step == cfg.max_train_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            self.tracker.close()
+        result.global_step = self.global_step
+        if self.is_main:
+            self.save_final()
+        return result
+
+    # -------------------------------------------------------------- final outputs
+    def save_final(self) -> None:
+        """Final weights (EMA when used), sample images and the model card."""
+        ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            self._write_weights(self.out)
+            images = self.sample_images() if self.cfg.num_sample_images else []
+        self._model_card(len(images))
+
+    @torch.no_grad()
+    def sample_images(self) -> list[Path]:
+        """Euler samples (``sample_steps``) of the first prompts with a fixed seed, as PNG files."""
+        from PIL import Image
+
+        cfg, ad = self.cfg, self.adapter
+        prompts = (self.prompts * cfg.num_sample_images)[: cfg.num_sample_images]
+        folder = self.out / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        sigmas = ad.sigmas(cfg.sample_steps)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        paths = []
+        for i, prompt in enumerate(prompts):
+            batch = ad.encode_prompts([prompt])
+            ro = rollout(ad.velocity_fn(batch, sigmas), ad.initial_noise(1, generator=gen), sigmas,
+                         latent_dtype=self.latent_dtype)
+            img = ad.decode(ro.sample)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+            path = folder / f"sample_{i:02d}.png"
+            Image.fromarray(img).save(path)
+            paths.append(path)
+        (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        return paths
+
+    def _model_card(self, n_images: int) -> None:
+        cfg = self.cfg
+        kind = f"LoRA (rank {cfg.rank}, alpha {cfg.effective_lora_alpha:g})" if cfg.rank else \
+            "full fine-tuning of the transformer"
+        load = (f"pipe.load_lora_weights(\"{self.out}\")" if cfg.rank else
+                f"transformer = <TransformerClass>.from_pretrained(\"{self.out}/transformer\")")
+        text = f"""---
+base_model: {cfg.pretrained_model_name_or_path}
+library_name: diffusers
+tags: [flowbp, reward-backpropagation, {cfg.family}, {cfg.method}]
+---
+# {cfg.method} on {cfg.family}
+
+Aligned with direct reward backpropagation (flowbp-kernels, FlowBP arXiv 2606.11075) from
+`{cfg.pretrained_model_name_or_path}`: method `{cfg.method}` ({cfg.executor} executor), reward
+`{cfg.reward}` (loss `{cfg.loss}`), {cfg.num_steps} rollout steps at {cfg.resolution}x{cfg.resolution},
+{kind}, {self.global_step} steps, learning rate {cfg.learning_rate:g}{', EMA ' + str(cfg.ema_decay) if cfg.use_ema
+                                                                    else ''}.
+
+Load: `{load}`. The resolved configuration is `config.yaml`; the per-step log is
+`{cfg.logging_dir}/train_log.jsonl`; {n_images} sample images are in `samples/`.
+"""
+        (self.out / "README.md").write_text(text)
+
+
+def train(cfg: TrainConfig, *, adapter: FlowAdapter | None = None, reward=None) -> TrainResult:
+    """Run a whole training (resuming when ``resume_from_checkpoint`` is set)."""
+    return Trainer(cfg, adapter=adapter, reward=reward).train()
