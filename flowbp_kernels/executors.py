@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -210,6 +211,7 @@ def reward_backprop(
     params: Iterable[torch.Tensor] | None = None,
     loss_scale: float = 1.0,
     keep_node_grads: bool = False,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
 ) -> StepOutput:
     """Accumulate the parameter gradients of one reward-backprop step into ``.grad``.
 
@@ -227,6 +229,10 @@ def reward_backprop(
         loss_scale: multiplies the loss (e.g. ``1 / cfg_scale`` for CFG gradient compensation).
         keep_node_grads: streaming only; keep each node's parameter-gradient vectors in
             ``diagnostics["node_grads"]`` (for tests and analysis; costs one copy per node).
+        no_sync: for data-parallel training, a callable returning a context manager that suspends
+            gradient synchronisation (``ddp.no_sync``; FSDP2 ``set_requires_gradient_sync(False)``).
+            Every model forward and backward runs inside it except the last model forward (and, for
+            streaming, its backward), so gradients are synchronised once per step, not once per node.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
@@ -248,8 +254,9 @@ def reward_backprop(
     params = list(params) if params is not None else None
     run = _retain if executor == "retain" else _streaming
     recorder = _GradRecorder(keep_node_grads and executor == "streaming")
+    sync = _SyncSchedule(no_sync, sur.num_reforwards)
     try:
-        out = run(sur, velocity_fn, rollout, reward_fn, loss_of, float(loss_scale), params, recorder)
+        out = run(sur, velocity_fn, rollout, reward_fn, loss_of, float(loss_scale), params, recorder, sync)
     finally:
         recorder.close()
     out.diagnostics.update(
@@ -259,6 +266,19 @@ def reward_backprop(
     return out
 
 
+class _SyncSchedule:
+    """Wraps every model call but the last in ``no_sync()`` (a no-op without one)."""
+
+    def __init__(self, no_sync, total: int):
+        self.no_sync, self.left = no_sync, total
+
+    def next(self) -> AbstractContextManager:
+        self.left -= 1
+        if self.no_sync is None or self.left <= 0:
+            return nullcontext()
+        return self.no_sync()
+
+
 def _finish_loss(terms, loss_of, scale):
     total = sum(loss_of(r, w) for r, w in terms) / len(terms) * scale
     if not torch.isfinite(total.detach()):
@@ -266,7 +286,7 @@ def _finish_loss(terms, loss_of, scale):
     return total
 
 
-def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder) -> StepOutput:
+def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder, sync) -> StepOutput:
     outs, residuals, nodes_info = [], [], []
     with torch.enable_grad():
         for si, seg in enumerate(sur.segments):
@@ -274,7 +294,8 @@ def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder) -
             base, values, w, scales, target = _segment_values(seg, anchor, ro)
             us = []
             for node, val in zip(seg.active_nodes, values):
-                v = velocity_fn(_node_input(node, anchor, ro), node.index)
+                with sync.next():
+                    v = velocity_fn(_node_input(node, anchor, ro), node.index)
                 u = val + (v - v.detach()).to(val.dtype)
                 rec = {"index": node.index, "segment": si, "input": node.input}
                 u.register_hook(lambda g, rec=rec: rec.__setitem__("cotangent_norm", float(g.norm())))
@@ -291,7 +312,8 @@ def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder) -
         copies = []
         for xc in _renoised_inputs(sur, ro):
             m = sur.renoise_index
-            v = velocity_fn(xc.to(ro.cache.latent_dtype), m)
+            with sync.next():
+                v = velocity_fn(xc.to(ro.cache.latent_dtype), m)
             rc = _check_reward(reward_fn(xc + (float(ro.sigmas[-1]) - float(ro.sigmas[m])) * v.to(xc.dtype)), batch)
             terms.append((rc, weight))
             copies.append(rc.detach())
@@ -300,7 +322,7 @@ def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder) -
     return _output(total, r, weight, d_j, d_0, sur, residuals, nodes_info, copies)
 
 
-def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder) -> StepOutput:
+def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder, sync) -> StepOutput:
     outs, residuals = _forward_values(sur, ro)
     nodes_info, node_grads = [], []
     n_terms = 1 + sur.renoise
@@ -330,7 +352,7 @@ def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder
     copies = []
     for xc in _renoised_inputs(sur, ro):
         m = sur.renoise_index
-        with torch.enable_grad():
+        with torch.enable_grad(), sync.next():
             v = velocity_fn(xc.to(ro.cache.latent_dtype), m)
             rc = _check_reward(reward_fn(xc + (float(ro.sigmas[-1]) - float(ro.sigmas[m])) * v.to(xc.dtype)), batch)
             lc = _finish_loss([(rc, weight)], loss_of, scale / n_terms)
@@ -352,7 +374,7 @@ def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder
         prev_adj = a_out if seg.anchor == "previous" else None
         for node, cot in zip(act, cots):
             leaf = None
-            with torch.enable_grad():
+            with torch.enable_grad(), sync.next():
                 if node.input != "cached" and seg.anchor == "previous":
                     leaf = anchor_val.detach().requires_grad_(True)
                     inp = _node_input(node, leaf, ro)
