@@ -82,7 +82,8 @@ def _scaled(length: int, ratio: float, rounding: str) -> int:
 
 
 class ImagePreprocess(torch.nn.Module):
-    """Differentiable ``[B, 3, H, W]`` in [0, 1] -> normalised ``[B, 3, size, size]`` float32.
+    """Differentiable ``[B, 3, H, W]`` in [0, 1] -> normalised ``[B, 3, size, size]`` float32 (float64 in,
+    float64 out).
 
     Args:
         config: a ``PreprocessConfig`` (or pass its fields as keyword arguments).
@@ -117,7 +118,7 @@ class ImagePreprocess(torch.nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected shape [B, 3, H, W], got {tuple(images.shape)}")
         c = self.config
-        x = images.float()
+        x = images if images.dtype == torch.float64 else images.float()  # float64 kept for gradcheck
         h, w = x.shape[-2:]
         nh, nw = self.resized_shape(h, w)
         # Two separable passes, width first, clamped in between: PIL's order and its uint8 clipping of the
@@ -133,7 +134,7 @@ class ImagePreprocess(torch.nn.Module):
             ph, pw = c.size - nh, c.size - nw
             if ph or pw:
                 x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=c.fill)
-        return (x - self.mean) / self.std
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def _resize(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
