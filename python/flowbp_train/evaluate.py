@@ -1,0 +1,359 @@
+"""``flowbp-eval``: sample a prompt set from a model adapter, score it with several rewards, write reports.
+
+One image per prompt with a fixed per-prompt seed (``seed + index``), sampled with
+``flowbp_kernels.rollout`` under no_grad, decoded by the adapter, quantised to 8 bits (the PNG that is
+written is exactly the image that is scored, so a resumed run scores saved images identically). Outputs
+in ``output_dir``: ``images/<index>.png``, ``scores.csv`` (one row per prompt), ``summary.json`` (mean and
+standard error ``std(ddof=1) / sqrt(n)`` per reward), ``grid.png``; given other runs, ``comparison.md``
+and ``comparison.png``. Resumable: prompts already scored are skipped. The paper's protocol: train on one
+reward (HPSv2.1) and report held-out rewards (PickScore, ImageReward) as a reward-hacking monitor.
+GenEval-style detector metrics are out of scope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowbp_kernels import rollout
+from flowbp_train.models.base import FlowAdapter
+from flowbp_train.rewards import Reward, get_reward
+
+__all__ = ["compare_runs", "evaluate", "load_prompts", "main", "parse_reward_spec", "summarize"]
+
+CSV_NAME, SUMMARY_NAME, GRID_NAME = "scores.csv", "summary.json", "grid.png"
+FIXED_COLUMNS = ["index", "seed", "prompt", "image"]
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts of a text file, one per line; blank lines and lines starting with ``#`` are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts: no such file {str(p)!r} (expected a text file, one prompt per line)")
+    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts: {str(p)!r} contains no prompt")
+    return prompts
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """``{"n", "mean", "std", "stderr"}`` with ``std`` the sample std (ddof=1) and ``stderr = std/sqrt(n)``
+    (``None`` when n < 2)."""
+    a = np.asarray(values, dtype=np.float64)
+    n = int(a.size)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "stderr": None}
+    std = float(a.std(ddof=1)) if n > 1 else None
+    return {"n": n, "mean": float(a.mean()), "std": std, "stderr": std / math.sqrt(n) if std is not None else None}
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _from_uint8(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def _read_rows(csv_path: Path) -> dict[int, dict]:
+    if not csv_path.is_file():
+        return {}
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        return {int(r["index"]): r for r in csv.DictReader(f)}
+
+
+def _write_rows(csv_path: Path, rows: Mapping[int, dict], reward_names: Sequence[str]) -> None:
+    extra = sorted({k for r in rows.values() for k in r} - set(FIXED_COLUMNS) - set(reward_names))
+    tmp = csv_path.with_suffix(".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=FIXED_COLUMNS + list(reward_names) + extra)
+        w.writeheader()
+        for i in sorted(rows):
+            w.writerow(rows[i])
+    os.replace(tmp, csv_path)
+
+
+def _save_grid(paths: Sequence[Path], out: Path, max_images: int = 16) -> None:
+    from PIL import Image
+
+    ims = [Image.open(p).convert("RGB") for p in paths[:max_images]]
+    if not ims:
+        return
+    w, h = ims[0].size
+    cols = math.ceil(math.sqrt(len(ims)))
+    rows = math.ceil(len(ims) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for k, im in enumerate(ims):
+        grid.paste(im.resize((w, h)), ((k % cols) * w, (k // cols) * h))
+    grid.save(out)
+
+
+def _reward_dict(rewards: Sequence[Reward] | Mapping[str, Reward]) -> dict[str, Reward]:
+    items = list(rewards.items()) if isinstance(rewards, Mapping) else [(r.name, r) for r in rewards]
+    out: dict[str, Reward] = {}
+    for name, r in items:
+        if not isinstance(r, Reward):
+            raise TypeError(f"rewards: expected Reward instances, got {type(r).__name__}")
+        if name in out or name in FIXED_COLUMNS:
+            raise ValueError(f"rewards: duplicate or reserved reward name {name!r} (pass a dict to rename)")
+        out[name] = r
+    if not out:
+        raise ValueError("rewards: expected at least one reward")
+    return out
+
+
+@torch.no_grad()
+def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
+             rewards: Sequence[Reward] | Mapping[str, Reward], output_dir: str | os.PathLike, *,
+             num_steps: int = 28, seed: int = 0, batch_size: int = 4, name: str | None = None,
+             compare_with: Sequence[str | os.PathLike] = (), progress: bool = True,
+             grid_images: int = 16) -> dict:
+    """Sample, score and report one run; returns the summary written to ``summary.json``.
+
+    Args:
+        adapter: a ``FlowAdapter`` (with its LoRA / fine-tuned transformer already loaded).
+        prompts: a list of prompts or a text file (one prompt per line).
+        rewards: ``Reward`` instances (column = ``reward.name``) or a dict column name -> reward.
+        output_dir: where images, CSV, JSON and grid go; an existing run there is resumed.
+        num_steps: sampling steps (the adapter's schedule); seed: prompt k uses ``seed + k``.
+        batch_size: prompts sampled together; name: the run's label (default: the directory name).
+        compare_with: other run directories to compare this run against (``comparison.md/.png``).
+        progress: tqdm progress bar; grid_images: images in ``grid.png``.
+    """
+    if not isinstance(adapter, FlowAdapter):
+        raise TypeError(f"adapter: expected a FlowAdapter, got {type(adapter).__name__}")
+    prompt_list = load_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
+    if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
+        raise ValueError("prompts: expected a non-empty list of str or a prompt file")
+    for arg, v in (("num_steps", num_steps), ("batch_size", batch_size)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{arg}: expected a positive int, got {v!r}")
+    reward_map = _reward_dict(rewards)
+    out = Path(output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    csv_path = out / CSV_NAME
+    rows = _read_rows(csv_path)
+    for i, r in list(rows.items()):  # a row from another prompt set / seed is not reused
+        if i >= len(prompt_list) or r.get("prompt") != prompt_list[i] or int(r.get("seed", -1)) != seed + i:
+            del rows[i]
+
+    def done(i: int) -> bool:
+        r = rows.get(i)
+        return r is not None and all(r.get(k) not in (None, "") for k in reward_map)
+
+    todo = [i for i in range(len(prompt_list)) if not done(i)]
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompt_list), initial=len(prompt_list) - len(todo), desc=f"eval {out.name}")
+        except ImportError:
+            bar = None
+    from PIL import Image
+
+    sigmas = adapter.sigmas(num_steps)
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start:start + batch_size]
+        pngs = [out / "images" / f"{i:05d}.png" for i in idx]
+        need = [k for k, p in enumerate(pngs) if not p.is_file()]
+        arrays: list[np.ndarray | None] = [None] * len(idx)
+        if need:
+            batch_prompts = [prompt_list[idx[k]] for k in need]
+            noise = torch.cat([adapter.initial_noise(1, torch.Generator().manual_seed(seed + idx[k])) for k in need])
+            batch = adapter.encode_prompts(batch_prompts)
+            roll = rollout(adapter.velocity_fn(batch, sigmas), noise.to(adapter.device), sigmas)
+            for k, a in zip(need, _to_uint8(adapter.decode(roll.sample)), strict=True):
+                Image.fromarray(a).save(pngs[k])
+                arrays[k] = a
+        for k, p in enumerate(pngs):  # saved earlier (resume): score exactly the saved pixels
+            if arrays[k] is None:
+                arrays[k] = np.asarray(Image.open(p).convert("RGB"))
+        images = _from_uint8(arrays)
+        batch_prompts = [prompt_list[i] for i in idx]
+        scores = {k: r.score(images, batch_prompts).cpu().double().numpy() for k, r in reward_map.items()}
+        for j, i in enumerate(idx):
+            row = dict(rows.get(i, {}))
+            row.update(index=i, seed=seed + i, prompt=prompt_list[i], image=f"images/{i:05d}.png")
+            row.update({k: repr(float(v[j])) for k, v in scores.items()})
+            rows[i] = row
+        _write_rows(csv_path, rows, list(reward_map))
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+
+    summary = {
+        "name": name or out.name,
+        "num_prompts": len(prompt_list),
+        "num_steps": num_steps,
+        "seed": seed,
+        "rewards": {k: summarize([float(rows[i][k]) for i in range(len(prompt_list))]) for k in reward_map},
+    }
+    (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    _save_grid([out / rows[i]["image"] for i in range(len(prompt_list))], out / GRID_NAME, grid_images)
+    if compare_with:
+        compare_runs([out, *compare_with], out)
+    return summary
+
+
+def _fmt(s: dict | None) -> str:
+    if not s or s.get("mean") is None:
+        return "-"
+    return f"{s['mean']:.4f} ± {s['stderr']:.4f}" if s.get("stderr") is not None else f"{s['mean']:.4f}"
+
+
+def compare_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> str:
+    """Write ``comparison.md`` (mean ± standard error per run and reward) and ``comparison.png`` (bar chart
+    with standard-error bars, one panel per reward) for runs with a ``summary.json``; returns the table."""
+    if not run_dirs:
+        raise ValueError("run_dirs: expected at least one run directory")
+    summaries = []
+    for d in run_dirs:
+        f = Path(d) / SUMMARY_NAME
+        if not f.is_file():
+            raise FileNotFoundError(f"run_dirs: {str(d)!r} has no {SUMMARY_NAME} (run flowbp-eval there first)")
+        summaries.append(json.loads(f.read_text(encoding="utf-8")))
+    rewards = list(dict.fromkeys(k for s in summaries for k in s["rewards"]))
+    lines = ["| run | n | " + " | ".join(rewards) + " |", "|---|---|" + "---|" * len(rewards)]
+    for s in summaries:
+        cells = [_fmt(s["rewards"].get(k)) for k in rewards]
+        lines.append(f"| {s['name']} | {s['num_prompts']} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(table, encoding="utf-8")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rewards), figsize=(3.2 * len(rewards) + 1, 3.2), squeeze=False)
+    names = [s["name"] for s in summaries]
+    for ax, k in zip(axes[0], rewards, strict=True):
+        means = [(s["rewards"].get(k) or {}).get("mean") or 0.0 for s in summaries]
+        errs = [(s["rewards"].get(k) or {}).get("stderr") or 0.0 for s in summaries]
+        ax.bar(range(len(names)), means, yerr=errs, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_title(k)
+    fig.tight_layout()
+    fig.savefig(out / "comparison.png", dpi=100)
+    plt.close(fig)
+    return table
+
+
+def parse_reward_spec(spec: str) -> tuple[str, dict]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> (name, kwargs); values are parsed as JSON when they
+    can be (numbers, true/false), else kept as strings (paths)."""
+    name, _, rest = spec.partition(":")
+    if not name:
+        raise ValueError(f"--reward: expected NAME[:key=value,...], got {spec!r}")
+    kwargs: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--reward: expected key=value in {spec!r}, got {item!r}")
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    return name, kwargs
+
+
+def _load_transformer_weights(adapter: FlowAdapter, path: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"--transformer: no *.safetensors in {path!r}")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise FileNotFoundError(f"--transformer: no such file or directory {path!r}")
+    state: dict = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state.update(load_file(str(f)))
+        else:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+    adapter.transformer.load_state_dict(state)
+
+
+def _load_lora(adapter: FlowAdapter, path: str) -> None:
+    if hasattr(adapter, "load_lora_weights"):
+        adapter.load_lora_weights(path)
+        return
+    pipe = getattr(adapter, "pipeline_class", None)
+    if pipe is None or not hasattr(pipe, "lora_state_dict"):
+        raise ValueError(f"--lora: the {adapter.family!r} adapter cannot load LoRA weights")
+    state = pipe.lora_state_dict(path)
+    state = state[0] if isinstance(state, tuple) else state
+    pipe.load_lora_into_transformer(state, transformer=adapter.transformer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``flowbp-eval`` command line; ``flowbp-eval compare RUN... --output-dir D`` compares runs."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        ap = argparse.ArgumentParser(prog="flowbp-eval compare", description="Compare finished evaluation runs.")
+        ap.add_argument("runs", nargs="+", help="run directories holding summary.json")
+        ap.add_argument("--output-dir", required=True)
+        a = ap.parse_args(argv[1:])
+        print(compare_runs(a.runs, a.output_dir), end="")
+        return 0
+    ap = argparse.ArgumentParser(prog="flowbp-eval", description=__doc__.split("\n")[0])
+    ap.add_argument("--family", required=True, help="model family: flux1, sd3, flux2, mini")
+    ap.add_argument("--model", "--pretrained_model_name_or_path", dest="model", required=True,
+                    help="base model id or local path")
+    ap.add_argument("--lora", help="directory or file of LoRA weights (pytorch_lora_weights.safetensors)")
+    ap.add_argument("--transformer", help="fine-tuned transformer weights (.safetensors / directory)")
+    ap.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    ap.add_argument("--reward", action="append", required=True, metavar="NAME[:key=value,...]",
+                    help="a reward and its options, e.g. hpsv2:checkpoint_path=/w/HPS_v2.1_compressed.pt; repeat")
+    ap.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True)
+    ap.add_argument("--num-steps", "--num_steps", dest="num_steps", type=int, default=28)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4)
+    ap.add_argument("--name", help="run label in comparisons (default: output directory name)")
+    ap.add_argument("--compare-with", nargs="*", default=[], help="other run directories to compare against")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    specs = [parse_reward_spec(s) for s in a.reward]
+
+    from flowbp_train.models import build_adapter
+
+    adapter = build_adapter(a.family, a.model, device=a.device)
+    if a.transformer:
+        _load_transformer_weights(adapter, a.transformer)
+    if a.lora:
+        _load_lora(adapter, a.lora)
+    rewards = {}
+    for name, kw in specs:
+        key = name if name not in rewards else f"{name}_{len(rewards)}"
+        reward = get_reward(name, **kw).to(a.device)  # device as an option works too, for rewards taking one
+        reward.clear_text_cache()
+        rewards[key] = reward
+    summary = evaluate(adapter, a.prompts, rewards, a.output_dir, num_steps=a.num_steps, seed=a.seed,
+                       batch_size=a.batch_size, name=a.name, compare_with=a.compare_with,
+                       progress=not a.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
