@@ -118,7 +118,7 @@ class TrainConfig:
 
     @property
     def effective_guidance(self) -> float:
-        return DEFAULT_GUIDANCE[self.family] if self.guidance_scale is None else float(self.guidance_scale)
+        return DEFAULT_GUIDANCE.get(self.family, 1.0) if self.guidance_scale is None else float(self.guidance_scale)
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -274,7 +274,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     for name in _FIELDS:  # types again: the dataclass can be built or mutated directly
         setattr(cfg, name, _coerce(name, getattr(cfg, name), _HINTS[name]))
-    _need(cfg.family in FAMILIES, f"family: expected one of {', '.join(FAMILIES)}, got {cfg.family!r}")
+    from flowbp_train.models import ADAPTERS
+
+    families = sorted(set(FAMILIES) | set(ADAPTERS))
+    _need(cfg.family in families, f"family: expected one of {', '.join(families)}, got {cfg.family!r}")
     _need(bool(cfg.pretrained_model_name_or_path),
           "pretrained_model_name_or_path: missing; pass a local folder or a model id, "
           "e.g. pretrained_model_name_or_path=/models/FLUX.1-dev")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -217,6 +218,8 @@ class Trainer:
                                     dtype=self.latent_dtype, revision=cfg.revision,
                                     max_sequence_length=cfg.max_sequence_length)
         self.adapter = adapter
+        random.seed(cfg.seed)  # LoRA initialisation (and anything else on the global RNGs) per seed
+        torch.manual_seed(cfg.seed)
         if reward is None:
             from flowbp_train.rewards import get_reward
 

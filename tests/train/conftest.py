@@ -1,0 +1,40 @@
+"""Fixtures of the trainer tests: torch reference ops, one thread, a tiny differentiable reward."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tiny.py
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_reference(monkeypatch):
+    # the trainer is under test here, not the kernels: use the torch reference ops (no JIT builds)
+    monkeypatch.setenv("FLOWBP_BACKEND", "torch")
+    monkeypatch.setenv("FLOWBP_JIT", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class PixelReward:
+    """A differentiable stand-in for a preference reward: brightness minus red-channel contrast."""
+
+    def score(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        assert images.shape[0] == len(prompts)
+        return images.mean(dim=(1, 2, 3)) - 0.5 * images[:, 0].std(dim=(1, 2))
+
+
+class NaNReward:
+    def score(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        return images.mean(dim=(1, 2, 3)) * float("nan")
+
+
+@pytest.fixture
+def reward():
+    return PixelReward()
