@@ -187,16 +187,18 @@ def available_rewards() -> list[str]:
 def get_reward(name: str, **kwargs) -> Reward:
     """Build the reward registered as ``name`` with ``kwargs`` (e.g. ``local_path=...``, ``device=...``).
 
-    A name not yet registered is imported as ``flowbp_train.rewards.<name>`` (which may register
-    itself) before giving up.
+    A name not yet registered is imported as ``flowbp_train.rewards.<name>``, then as the module named by
+    its part before the first ``_`` (``mini_judge`` -> ``mini``), which may register it, before giving up.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty reward name, got {name!r}")
-    if name not in _REGISTRY and name.isidentifier():
+    for module in dict.fromkeys([name, name.split("_")[0]]):  # "mini_judge" lives in mini.py
+        if name in _REGISTRY or not module.isidentifier():
+            break
         try:
-            importlib.import_module(f"flowbp_train.rewards.{name}")
+            importlib.import_module(f"flowbp_train.rewards.{module}")
         except ModuleNotFoundError as e:
-            if e.name != f"flowbp_train.rewards.{name}":
+            if e.name != f"flowbp_train.rewards.{module}":
                 raise
     if name not in _REGISTRY:
         raise ValueError(f"name: unknown reward {name!r}; available: {available_rewards()}")
