@@ -12,14 +12,44 @@ Formats and their error bounds (per element, on read-back in fp32):
   subnormal range below ``2^-6 scale``, whose spacing is ``2^-9 scale``). Rows run along the last
   (contiguous) dimension: channels of a packed FLUX latent, width of an SD3 latent, so a scale costs
   4 bytes per 64-128 values (3-6%) and one outlier only coarsens its own row.
+
+Backends (ops/_dispatch.py): the compiled CPU/CUDA kernels (csrc/euler_cache_step/) and Triton
+(triton/euler_cache_step.py) read x and v once and write all outputs in the same pass; the fp8 rows are
+quantized by the same fp32 operations as the reference, so the CPU kernel and the interpreter are
+bit-exact and a GPU may differ only where its division rounds differently (within the bound above).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from flowbp_kernels.ops import reference as ref
-from flowbp_kernels.ops._dispatch import choose_backend
+from flowbp_kernels.ops._dispatch import choose_backend, compiled_dtypes_check
+
+_FORMAT_CODE = {"fp32": 0, "bf16": 1, "fp8": 2}
+
+
+def _compiled(x, v, h, velocity_format, latent_dtype):
+    x_next, x_cached, v_data, v_scale = torch.ops.flowbp.euler_cache_step(
+        x, v, float(h), _FORMAT_CODE[velocity_format], latent_dtype
+    )
+    return x_next, x_cached, v_data, (v_scale if velocity_format == "fp8" else None)
+
+
+def _triton(x, v, h, velocity_format, latent_dtype):
+    from flowbp_kernels.triton.euler_cache_step import euler_cache_step_fwd
+
+    x_next, x_cached, v_data, v_scale = euler_cache_step_fwd(x, v, h, _FORMAT_CODE[velocity_format], latent_dtype)
+    return x_next, x_cached, v_data, (v_scale if velocity_format == "fp8" else None)
+
+
+def _torch(x, v, h, velocity_format, latent_dtype):
+    return ref.euler_cache_step_ref(x, v, h, velocity_format=velocity_format, latent_dtype=latent_dtype)
+
+
+_IMPL = {"torch": _torch, "cpu": _compiled, "cuda": _compiled, "triton": _triton}
 
 
 def euler_cache_step(
@@ -41,10 +71,30 @@ def euler_cache_step(
         raise ValueError(f"v must have the shape of x {tuple(x.shape)}, got {tuple(v.shape)}")
     if v.device != x.device:
         raise ValueError(f"v must be on {x.device}, got {v.device}")
+    if not isinstance(x, torch.Tensor) or not isinstance(v, torch.Tensor):
+        raise TypeError(f"x and v must be tensors, got {type(x).__name__} and {type(v).__name__}")
     if not (x.is_floating_point() and v.is_floating_point()):
         raise TypeError(f"x and v must be floating point, got {x.dtype} and {v.dtype}")
-    choose_backend("euler_cache_step", x)
-    return ref.euler_cache_step_ref(x, v, h, velocity_format=velocity_format, latent_dtype=latent_dtype)
+    if isinstance(h, torch.Tensor):
+        h = float(h)
+    if not isinstance(h, (int, float)) or not math.isfinite(float(h)):
+        raise ValueError(f"h must be a finite number, got {h!r}")
+    if latent_dtype is not None and (not isinstance(latent_dtype, torch.dtype) or not latent_dtype.is_floating_point):
+        raise TypeError(f"latent_dtype must be a floating-point torch.dtype or None, got {latent_dtype!r}")
+    if velocity_format == "fp8" and x.dim() < 1:
+        raise ValueError("x must have at least one dimension for the fp8 format (one scale per row)")
+    ld = latent_dtype or x.dtype
+
+    def check(backend: str) -> str | None:
+        why = compiled_dtypes_check(x.dtype, v.dtype, ld)
+        if why is None and backend == "triton":
+            from flowbp_kernels.triton.euler_cache_step import unsupported
+
+            why = unsupported(x, v, ld)
+        return why
+
+    backend = choose_backend("euler_cache_step", x, check)
+    return _IMPL[backend](x, v, float(h), velocity_format, ld)
 
 
 class VelocityCache:

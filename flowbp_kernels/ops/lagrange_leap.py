@@ -5,7 +5,10 @@ are the step widths; cached nodes are folded into ``base``). Forward value of th
 exactly ``target`` (a custom Function, because ``xhat + sg(target - xhat)`` is not exactly ``target``
 in floating point); the gradient is the identity to ``xhat``, so ``grad_anchor = g`` and
 ``grad_node_m = w_m * scale_m * g``. Math: shared/design/ALGORITHM.md section 3; reference:
-``ops.reference.lagrange_leap_ref``.
+``ops.reference.lagrange_leap_ref``. Backends: the compiled CPU/CUDA kernel (csrc/lagrange_leap/) or
+Triton (triton/lagrange_leap.py) computes xhat, the pinned copy and the residual in one pass; the
+backward is one ``surrogate_vjp`` pass per node dtype, and a node whose coefficient is 1 in the
+gradient's dtype gets the upstream gradient itself (nothing to compute or store).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from collections.abc import Sequence
 import torch
 
 from flowbp_kernels.ops import reference as ref
-from flowbp_kernels.ops._dispatch import choose_backend
+from flowbp_kernels.ops._dispatch import choose_backend, compiled_dtypes_check
+from flowbp_kernels.ops.surrogate_vjp import _dispatch_vjp
 
 
 def _as_floats(name: str, values, n: int | None = None) -> list[float]:
@@ -31,16 +35,60 @@ def _as_floats(name: str, values, n: int | None = None) -> list[float]:
     return out
 
 
+def _compiled_fwd(anchor, nodes, weights, target, base):
+    out, residual = torch.ops.flowbp.lagrange_leap_fwd(anchor, nodes, [float(w) for w in weights], target, base)
+    return out, (residual if target is not None else None)
+
+
+def _triton_fwd(anchor, nodes, weights, target, base):
+    from flowbp_kernels.triton.lagrange_leap import lagrange_leap_fwd
+
+    return lagrange_leap_fwd(anchor, nodes, weights, target, base)
+
+
+_FORWARD = {"torch": ref.lagrange_leap_ref, "cpu": _compiled_fwd, "cuda": _compiled_fwd, "triton": _triton_fwd}
+
+
+def _leap_forward(anchor, nodes, weights, target, base):
+    tensors = [anchor, target, base, *nodes]
+
+    def check(backend: str) -> str | None:
+        why = compiled_dtypes_check(*[t.dtype for t in tensors if t is not None])
+        if why is None and backend == "triton":
+            from flowbp_kernels.triton.lagrange_leap import unsupported
+
+            why = unsupported(anchor, nodes, target, base)
+        return why
+
+    backend = choose_backend("lagrange_leap", anchor, check)
+    return _FORWARD[backend](anchor, nodes, weights, target, base)
+
+
+def _leap_backward(grad_out, weights, scales, node_dtypes):
+    """``grad_node_m = (w_m * scale_m) * g`` in the node's dtype: one pass per distinct node dtype."""
+    coefs = [float(w) * float(s) for w, s in zip(weights, scales)]
+    grads: list[torch.Tensor | None] = [None] * len(coefs)
+    groups: dict[torch.dtype, list[int]] = {}
+    for m, (c, dt) in enumerate(zip(coefs, node_dtypes)):
+        if c == 1.0 and dt == grad_out.dtype:
+            grads[m] = grad_out  # the upstream gradient itself: nothing to materialise
+        else:
+            groups.setdefault(dt, []).append(m)
+    for dt, idx in groups.items():
+        stacked = _dispatch_vjp(grad_out, None, [coefs[m] for m in idx], dt)
+        for k, m in enumerate(idx):
+            grads[m] = stacked[k]
+    return grad_out, grads
+
+
 class LagrangeLeap(torch.autograd.Function):
     """Autograd Function: ``(anchor, base, target, weights, scales, *nodes) -> (out, residual)``."""
 
     @staticmethod
     def forward(ctx, anchor, base, target, weights, scales, *nodes):
-        backend = choose_backend("lagrange_leap", anchor)
-        out, residual = _FORWARD[backend](anchor, list(nodes), weights, target, base)
+        out, residual = _leap_forward(anchor, list(nodes), weights, target, base)
         ctx.weights, ctx.scales = weights, scales
         ctx.node_dtypes = [u.dtype for u in nodes]
-        ctx.backend = backend
         if residual is None:
             residual = out.new_zeros(0)
         ctx.mark_non_differentiable(residual)
@@ -48,12 +96,8 @@ class LagrangeLeap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_residual):
-        g_anchor, g_nodes = _BACKWARD[ctx.backend](grad_out, ctx.weights, ctx.scales, ctx.node_dtypes)
+        g_anchor, g_nodes = _leap_backward(grad_out, ctx.weights, ctx.scales, ctx.node_dtypes)
         return (g_anchor, None, None, None, None, *g_nodes)
-
-
-_FORWARD = {"torch": ref.lagrange_leap_ref}
-_BACKWARD = {"torch": ref.lagrange_leap_bwd_ref}
 
 
 def lagrange_leap(

@@ -4,7 +4,9 @@
 ``c_m = coefs[m] * (upstream + adjoint)`` in one pass (coefs = ``w_m * rho_m``; ALGORITHM.md section 5).
 ``GradScale`` / ``BridgeCoupling``: value exactly ``x``, gradient times ``scale`` (the bridge coupling
 ``alpha * x + (1 - alpha) * sg(x)`` and the rescale ``sg(u) + rho * (u - sg(u))`` of ALGORITHM.md
-section 3, written so that the forward value is bit-exact).
+section 3, written so that the forward value is bit-exact). ``surrogate_vjp`` runs on the compiled
+CPU/CUDA kernel (csrc/surrogate_vjp/) or Triton (triton/surrogate_vjp.py) when one serves the tensor; it
+is also the backward of ``lagrange_leap`` (adjoint None, coefs ``w_m * scale_m``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,35 @@ from collections.abc import Sequence
 import torch
 
 from flowbp_kernels.ops import reference as ref
-from flowbp_kernels.ops._dispatch import choose_backend
+from flowbp_kernels.ops._dispatch import choose_backend, compiled_dtypes_check
+
+
+def _compiled(upstream, adjoint, coefs, out_dtype):
+    return torch.ops.flowbp.surrogate_vjp(upstream, adjoint, coefs, out_dtype)
+
+
+def _triton(upstream, adjoint, coefs, out_dtype):
+    from flowbp_kernels.triton.surrogate_vjp import surrogate_vjp_fwd
+
+    return surrogate_vjp_fwd(upstream, adjoint, coefs, out_dtype)
+
+
+_IMPL = {"torch": ref.surrogate_vjp_ref, "cpu": _compiled, "cuda": _compiled, "triton": _triton}
+
+
+def _dispatch_vjp(upstream, adjoint, coefs, out_dtype):
+    """Run the op on the backend that serves it (arguments already checked)."""
+
+    def check(backend: str) -> str | None:
+        why = compiled_dtypes_check(upstream.dtype, None if adjoint is None else adjoint.dtype, out_dtype)
+        if why is None and backend == "triton":
+            from flowbp_kernels.triton.surrogate_vjp import unsupported
+
+            why = unsupported(upstream, adjoint, out_dtype)
+        return why
+
+    backend = choose_backend("surrogate_vjp", upstream, check)
+    return _IMPL[backend](upstream, adjoint, coefs, out_dtype)
 
 
 def surrogate_vjp(
@@ -36,17 +66,27 @@ def surrogate_vjp(
 
     Reference: ``torch.stack([c * (upstream + adjoint) for c in coefs]).to(out_dtype)``.
     """
+    if not isinstance(upstream, torch.Tensor) or not upstream.is_floating_point():
+        raise TypeError(f"upstream must be a floating-point tensor, got {getattr(upstream, 'dtype', type(upstream))}")
     if isinstance(coefs, torch.Tensor):
         coefs = coefs.detach().to("cpu", torch.float64).reshape(-1).tolist()
     coefs = [float(c) for c in coefs]
     if any(not math.isfinite(c) for c in coefs):
         raise ValueError(f"coefs must be finite, got {coefs}")
-    if adjoint is not None and adjoint.shape != upstream.shape:
-        raise ValueError(f"adjoint must have the upstream's shape {tuple(upstream.shape)}, got {tuple(adjoint.shape)}")
-    if adjoint is not None and adjoint.device != upstream.device:
-        raise ValueError(f"adjoint must be on {upstream.device}, got {adjoint.device}")
-    choose_backend("surrogate_vjp", upstream)
-    return ref.surrogate_vjp_ref(upstream, adjoint, coefs, out_dtype)
+    if adjoint is not None:
+        if not isinstance(adjoint, torch.Tensor) or not adjoint.is_floating_point():
+            raise TypeError(
+                f"adjoint must be a floating-point tensor or None, got {getattr(adjoint, 'dtype', adjoint)}"
+            )
+        if adjoint.shape != upstream.shape:
+            raise ValueError(
+                f"adjoint must have the upstream's shape {tuple(upstream.shape)}, got {tuple(adjoint.shape)}"
+            )
+        if adjoint.device != upstream.device:
+            raise ValueError(f"adjoint must be on {upstream.device}, got {adjoint.device}")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
+    return _dispatch_vjp(upstream, adjoint, coefs, out_dtype or upstream.dtype)
 
 
 class GradScale(torch.autograd.Function):

@@ -1,0 +1,119 @@
+// CPU kernel of flowbp::euler_cache_step: x_next = x + h v, x_cached = x.to(latent_dtype), and v
+// compressed (fp32 copy / bf16 / e4m3fn with one fp32 scale per row of the last dimension), in one
+// pass over x and v. Math: ops/reference.py euler_cache_step_ref (same fp32 operations in the same
+// order, so results are bit-identical when the compiler does not contract a*b+c, see setup.py).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+
+namespace flowbp {
+namespace {
+
+template <typename W>
+void euler_rows(const at::Tensor& x, const at::Tensor& v, double h, int64_t fmt, at::Tensor& x_next,
+                at::Tensor& x_cached, at::Tensor& v_data, at::Tensor& v_scale) {
+  const int64_t numel = x.numel();
+  const int64_t cols = x.dim() == 0 ? 1 : x.size(-1);
+  const int64_t rows = cols == 0 ? 0 : numel / cols;
+  const W hw = static_cast<W>(h);
+  const void* xp = x.data_ptr();
+  const void* vp = v.data_ptr();
+  const auto xt = x.scalar_type(), vt = v.scalar_type(), lt = x_cached.scalar_type();
+  W* np = x_next.data_ptr<W>();
+  void* cp = x_cached.data_ptr();
+  void* dp = v_data.data_ptr();
+  const auto dt = v_data.scalar_type();
+  const bool raw_copy = fmt == kFormatFp32 && (vt == at::kFloat || vt == at::kDouble);
+  const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(cols, 1));
+
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<W> xb(kBlock), vb(kBlock), nb(kBlock);
+    std::vector<float> vf(std::max<int64_t>(kBlock, cols));
+    // Elementwise part over the task's rows, block by block.
+    for (int64_t b = r0 * cols; b < r1 * cols; b += kBlock) {
+      const int64_t n = std::min(kBlock, r1 * cols - b);
+      const W* xs = load_span<W>(xp, xt, b, n, xb.data());
+      const W* vs = load_span<W>(vp, vt, b, n, vb.data());
+      W* out = np + b;
+      for (int64_t i = 0; i < n; ++i) out[i] = xs[i] + hw * vs[i];
+      store_span<W>(cp, lt, b, n, xs);
+      if (raw_copy) {
+        std::memcpy(static_cast<char*>(dp) + b * v.element_size(), static_cast<const char*>(vp) + b * v.element_size(),
+                    n * v.element_size());
+      } else if (fmt == kFormatFp32) {
+        store_span<W>(dp, dt, b, n, vs);  // half/bf16 -> fp32 is exact through W
+      } else if (fmt == kFormatBf16) {
+        const float* vs32 = load_span<float>(vp, vt, b, n, vf.data());
+        uint16_t* d = static_cast<uint16_t*>(dp) + b;
+        for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits(vs32[i]);
+      }
+    }
+    if (fmt != kFormatFp8) return;
+    float* sp = v_scale.data_ptr<float>();
+    uint8_t* qp = static_cast<uint8_t*>(dp);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = load_span<float>(vp, vt, r * cols, cols, vf.data());
+      float amax = 0.0f;
+      bool nan = false;
+      for (int64_t i = 0; i < cols; ++i) {
+        amax = std::max(amax, std::fabs(row[i]));
+        nan |= row[i] != row[i];
+      }
+      // amax() propagates NaN in torch; std::max does not, so carry it explicitly.
+      float scale = nan ? NAN : std::max(amax / kFp8Max, kFp8MinScale);
+      sp[r] = scale;
+      uint8_t* q = qp + r * cols;
+      for (int64_t i = 0; i < cols; ++i) q[i] = e4m3fn_bits(row[i] / scale);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cpu(const at::Tensor& x_in,
+                                                                                const at::Tensor& v_in, double h,
+                                                                                int64_t fmt,
+                                                                                at::ScalarType latent_dtype) {
+  TORCH_CHECK(x_in.device().is_cpu() && v_in.device().is_cpu(), "flowbp::euler_cache_step: x and v must be on CPU");
+  TORCH_CHECK(x_in.sizes() == v_in.sizes(), "flowbp::euler_cache_step: v must have the shape of x ", x_in.sizes(),
+              ", got ", v_in.sizes());
+  TORCH_CHECK(supported_dtype(x_in.scalar_type()) && supported_dtype(v_in.scalar_type()) &&
+                  supported_dtype(latent_dtype),
+              "flowbp::euler_cache_step: x, v and latent_dtype must be float32/float64/float16/bfloat16");
+  TORCH_CHECK(fmt == kFormatFp32 || fmt == kFormatBf16 || fmt == kFormatFp8,
+              "flowbp::euler_cache_step: velocity_format must be 0 (fp32), 1 (bf16) or 2 (fp8), got ", fmt);
+  TORCH_CHECK(fmt != kFormatFp8 || x_in.dim() >= 1, "flowbp::euler_cache_step: fp8 needs at least one dimension");
+  TORCH_CHECK(std::isfinite(h), "flowbp::euler_cache_step: h must be finite");
+  const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
+  const auto wd = working_dtype(x.scalar_type());
+  at::Tensor x_next = at::empty(x.sizes(), x.options().dtype(wd));
+  at::Tensor x_cached = at::empty(x.sizes(), x.options().dtype(latent_dtype));
+  at::Tensor v_data, v_scale;
+  if (fmt == kFormatFp32) {
+    v_data = at::empty(x.sizes(), x.options().dtype(working_dtype(v.scalar_type())));
+    v_scale = at::empty({0}, x.options().dtype(at::kFloat));
+  } else if (fmt == kFormatBf16) {
+    v_data = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+    v_scale = at::empty({0}, x.options().dtype(at::kFloat));
+  } else {
+    v_data = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
+    auto ssize = x.sizes().vec();
+    ssize.back() = 1;
+    v_scale = at::empty(ssize, x.options().dtype(at::kFloat));
+  }
+  if (x.numel() == 0) return {x_next, x_cached, v_data, v_scale};
+  if (wd == at::kDouble) {
+    euler_rows<double>(x, v, h, fmt, x_next, x_cached, v_data, v_scale);
+  } else {
+    euler_rows<float>(x, v, h, fmt, x_next, x_cached, v_data, v_scale);
+  }
+  return {x_next, x_cached, v_data, v_scale};
+}
+
+}  // namespace
+}  // namespace flowbp
+
+TORCH_LIBRARY_IMPL(flowbp, CPU, m) { m.impl("euler_cache_step", &flowbp::euler_cache_step_cpu); }

@@ -1,0 +1,87 @@
+"""Triton kernel of ``euler_cache_step``: x_next = x + h v, x_cached, and v compressed, in one pass.
+
+One program covers ROWS rows of the last dimension (padded to BLOCK_C, a power of two up to
+MAX_BLOCK_C), so the fp8 row absmax is a reduction inside the tile. Math: ops/reference.py
+euler_cache_step_ref. Limits: fp32 working precision; rows longer than MAX_BLOCK_C are not served.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flowbp_kernels.triton._convert import e4m3fn_bits, kernel_arg, load_f32, store_f32
+
+#: Longest row one tile holds (64 KiB of fp32 per operand); longer rows go to another backend.
+MAX_BLOCK_C = 16384
+#: Elements per program: enough work per program for a memory-bound kernel, small enough for registers.
+TILE_ELEMS = 2048
+
+
+@triton.jit
+def _euler_cache_step_kernel(
+    x_ptr, v_ptr, xn_ptr, xc_ptr, vd_ptr, sc_ptr, h, rows, cols,
+    X_KIND: tl.constexpr, V_KIND: tl.constexpr, L_KIND: tl.constexpr, FMT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    c = tl.arange(0, BLOCK_C)
+    rmask = r < rows
+    mask = rmask[:, None] & (c < cols)[None, :]
+    offs = r[:, None] * cols + c[None, :]
+    x = load_f32(x_ptr, offs, mask, X_KIND)
+    v = load_f32(v_ptr, offs, mask, V_KIND)
+    tl.store(xn_ptr + offs, x + h * v, mask=mask)
+    store_f32(xc_ptr, offs, x, mask, L_KIND)
+    if FMT == 0:
+        tl.store(vd_ptr + offs, v, mask=mask)
+    elif FMT == 1:
+        store_f32(vd_ptr, offs, v, mask, 2)
+    else:
+        amax = tl.max(tl.where(mask, tl.abs(v), 0.0), axis=1)
+        has_nan = tl.max(tl.where(mask & (v != v), 1, 0), axis=1)
+        scale = tl.maximum(amax / 448.0, 1e-30)
+        scale = tl.where(has_nan > 0, float("nan"), scale)
+        tl.store(vd_ptr + offs, e4m3fn_bits(v / scale[:, None]), mask=mask)
+        tl.store(sc_ptr + r, scale, mask=rmask)
+
+
+def unsupported(x: torch.Tensor, v: torch.Tensor, latent_dtype: torch.dtype) -> str | None:
+    """Why this launcher cannot serve the call (None when it can)."""
+    from flowbp_kernels.triton._convert import TRITON_DTYPES
+
+    for name, dt in (("x", x.dtype), ("v", v.dtype), ("latent_dtype", latent_dtype)):
+        if dt not in TRITON_DTYPES:
+            return f"{name} is {dt}; the Triton kernels take float32/float16/bfloat16"
+    if x.dim() >= 1 and x.shape[-1] > MAX_BLOCK_C:
+        return f"rows of {x.shape[-1]} elements exceed the Triton tile ({MAX_BLOCK_C})"
+    return None
+
+
+def euler_cache_step_fwd(x: torch.Tensor, v: torch.Tensor, h: float, fmt: int, latent_dtype: torch.dtype):
+    """Launcher: checks were done by the caller; allocates the outputs and launches one kernel."""
+    x = x.contiguous()
+    v = v.contiguous()
+    x_next = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    x_cached = torch.empty(x.shape, dtype=latent_dtype, device=x.device)
+    data_dtype = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)[fmt]
+    v_data = torch.empty(x.shape, dtype=data_dtype, device=x.device)
+    cols = x.shape[-1] if x.dim() else 1
+    scale_shape = (*x.shape[:-1], 1) if fmt == 2 else (0,)
+    v_scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return x_next, x_cached, v_data, v_scale
+    rows = x.numel() // cols
+    block_c = triton.next_power_of_2(cols)
+    rows_per = max(1, TILE_ELEMS // block_c)
+    xk, xkind = kernel_arg(x)
+    vk, vkind = kernel_arg(v)
+    ck, ckind = kernel_arg(x_cached)
+    dk, _ = kernel_arg(v_data)
+    grid = (triton.cdiv(rows, rows_per),)
+    _euler_cache_step_kernel[grid](
+        xk, vk, x_next, ck, dk, v_scale if fmt == 2 else x_next, float(h), rows, cols,
+        X_KIND=xkind, V_KIND=vkind, L_KIND=ckind, FMT=fmt, ROWS=rows_per, BLOCK_C=block_c,
+    )  # fmt: skip
+    return x_next, x_cached, v_data, v_scale

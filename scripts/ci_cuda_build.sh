@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# CI job (b): build the CUDA kernels against a CUDA torch (2.14.1, CUDA 13.0) on a machine without a GPU,
+# then load the extension and check that every op has CPU and CUDA kernels registered. Nothing CUDA runs.
+# The build happens in a temporary copy of the tree, so the repository's own (CPU) build is untouched.
+# Env: VENV (default /tmp/flowbp-cuda-venv), PYTHON (default python3), FLOWBP_CUDA_ARCHS (default 9.0 here:
+# one architecture keeps the job within its budget; the package default is "8.0;9.0"), MAX_JOBS (default 2).
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-/tmp/flowbp-cuda-venv}"
+PYTHON="${PYTHON:-python3}"
+export FLOWBP_CUDA_ARCHS="${FLOWBP_CUDA_ARCHS:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-2}"
+# torch derives CUDA_HOME from `which nvcc`; a /usr/local/bin/nvcc link would give /usr/local (no libcudart)
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+  export CUDA_HOME
+fi
+t0=$(date +%s)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  # --system-site-packages: reuse an identical system torch when there is one (no 5.5 GB copy)
+  "$PYTHON" -m venv --system-site-packages "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q "torch==2.14.1" setuptools wheel ninja
+PY="$VENV/bin/python"
+"$PY" -c "import torch; assert torch.version.cuda, 'torch has no CUDA'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+# the system toolkit lacks some headers torch includes (cusparse.h): use the pip CUDA 13 headers
+NV_INC="$("$PY" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))")"
+[ -f "$NV_INC/cusparse.h" ] || { echo "missing $NV_INC/cusparse.h"; exit 1; }
+export CPATH="$NV_INC${CPATH:+:$CPATH}"
+
+WORK="$(mktemp -d /tmp/flowbp-cuda-build.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+(cd "$REPO" && tar --exclude=./build --exclude='*.so' --exclude=./.git -cf - .) | tar -xf - -C "$WORK"
+cd "$WORK"
+FLOWBP_FORCE_CUDA_BUILD=1 "$PY" setup.py -q build_ext --inplace
+ls flowbp_kernels/_C*.so
+
+FLOWBP_JIT=0 PYTHONPATH="$WORK" "$PY" - <<'PYEOF'
+import torch
+from flowbp_kernels import _ext
+assert _ext.load(), _ext.status()
+st = _ext.status()
+assert st["origin"].startswith("prebuilt"), st
+for op in _ext.OPS:
+    name = f"flowbp::{op}"
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name} has no {key} kernel"
+assert st["cuda"], st
+assert not torch.cuda.is_initialized()
+print("ops registered with CPU and CUDA kernels:", ", ".join(_ext.OPS))
+PYEOF
+echo "ci_cuda_build: ok in $(( $(date +%s) - t0 )) s"

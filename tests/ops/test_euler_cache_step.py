@@ -1,0 +1,156 @@
+"""euler_cache_step / VelocityCache on every backend: Euler value, cached latent, the three velocity formats
+(bit-exact where the arithmetic is the reference's, and within the error bounds stated in
+ops/euler_cache_step.py), and the fp8-cache gradient property of pinned methods on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TinyReward, TinyVelocity, flat_grad
+from kernel_helpers import BATCHES, DTYPES, ROW_SIZES, assert_close_to_truth, backend_params, force, make
+
+import flowbp_kernels as fb
+from flowbp_kernels.ops import reference as ref
+
+torch.set_num_threads(1)
+H = -0.0731
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.cpu().contiguous().view(view), b.cpu().contiguous().view(view))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("vdtype", DTYPES)
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
+def test_matches_reference(backend, vdtype, fmt, monkeypatch):
+    device = force(monkeypatch, backend)
+    exact = device == "cpu"  # the GPU's fp32 division may round the fp8 scale differently
+    for c in ROW_SIZES:
+        for b in BATCHES:
+            x = make((b, 3, c), torch.float32, device, c + b, noncontig=c > 1)
+            v = make((b, 3, c), vdtype, device, c + b + 1, noncontig=c > 1) * 3
+            for ld in (torch.float32, torch.bfloat16):
+                x_next, x_cached, data, scale = fb.euler_cache_step(x, v, H, velocity_format=fmt, latent_dtype=ld)
+                r_next, r_cached, r_data, r_scale = ref.euler_cache_step_ref(
+                    x, v, H, velocity_format=fmt, latent_dtype=ld
+                )
+                truth = x.double().cpu() + H * v.double().cpu()
+                assert_close_to_truth(x_next.cpu(), r_next.cpu(), truth, f"x_next c={c}")
+                assert _bits_equal(x_cached, r_cached), "x_cached is a plain cast and must match bit for bit"
+                if fmt != "fp8" or exact:
+                    assert _bits_equal(data, r_data), f"{fmt} data differs from the reference"
+                    assert (scale is None) == (r_scale is None)
+                    if scale is not None:
+                        assert _bits_equal(scale, r_scale)
+                else:
+                    torch.testing.assert_close(scale.cpu(), r_scale.cpu(), rtol=2**-23, atol=0)
+                    _assert_within_bound(v, data, scale, fmt)
+
+
+def _bound(v: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    """The per-element bound stated in ops/euler_cache_step.py (plus fp32 round-off of the scaling)."""
+    a = v.double().abs()
+    if fmt == "fp32":
+        return torch.zeros_like(a)
+    if fmt == "bf16":
+        return a * 2.0**-8
+    s = scale.double()
+    return (a * 2.0**-4 + s * 2.0**-10) * (1 + 2.0**-20)
+
+
+def _assert_within_bound(v, data, scale, fmt):
+    back = ref.dequantize_velocity_ref(data, scale, torch.float64).cpu()
+    err = (back - v.double().cpu()).abs()
+    bound = _bound(v.cpu(), None if scale is None else scale.cpu(), fmt)
+    assert bool((err <= bound).all()), f"{fmt}: worst error/bound {float((err / bound.clamp_min(1e-300)).max()):.3g}"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
+def test_stated_error_bounds(backend, fmt, monkeypatch):
+    """Values over many binades, a zero row, subnormal-range entries: every element within the bound."""
+    device = force(monkeypatch, backend)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(4, 6, 129, generator=g) * torch.exp2(torch.randint(-12, 12, (4, 6, 129), generator=g).float())
+    v[0, 0] = 0.0  # an all-zero row: the minimum scale keeps it exactly zero
+    v[1, 1, :5] = torch.tensor([1e-9, -3e-7, 448.0, 5.0, -0.0])
+    v = v.to(device)
+    x = torch.zeros_like(v)
+    _, _, data, scale = fb.euler_cache_step(x, v, H, velocity_format=fmt)
+    _assert_within_bound(v, data, scale, fmt)
+    back = ref.dequantize_velocity_ref(data, scale, torch.float32)
+    assert torch.equal(back[0, 0].cpu(), torch.zeros(129))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_float64_state_and_cache_roundtrip(backend, monkeypatch):
+    """VelocityCache through the dispatch: float64 stays float64 in fp32 format (where the backend serves it)."""
+    device = force(monkeypatch, backend)
+    if backend == "triton":
+        monkeypatch.setenv("FLOWBP_BACKEND", "auto")  # Triton does not take float64; the automatic choice must
+    x = make((2, 4, 8), torch.float64, device, 0)
+    v = make((2, 4, 8), torch.float64, device, 1)
+    cache = fb.VelocityCache("fp32", torch.float64)
+    x1 = cache.step(x, v, H)
+    assert x1.dtype == torch.float64 and torch.equal(x1.cpu(), (x + H * v).cpu())
+    assert torch.equal(cache.velocity(0).cpu(), v.cpu()) and torch.equal(cache.latent(0).cpu(), x.cpu())
+    assert cache.nbytes() == 2 * x.numel() * 8
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_bad_inputs(backend, monkeypatch):
+    device = force(monkeypatch, backend)
+    x = make((2, 3), torch.float32, device, 0)
+    with pytest.raises(ValueError, match="velocity_format"):
+        fb.euler_cache_step(x, x, H, velocity_format="fp4")
+    with pytest.raises(ValueError, match="v must have the shape"):
+        fb.euler_cache_step(x, x[:, :2], H)
+    with pytest.raises(ValueError, match="h must be"):
+        fb.euler_cache_step(x, x, float("nan"))
+    with pytest.raises(ValueError, match="v must be on"):
+        fb.euler_cache_step(x, torch.ones(2, 3, device="meta"), H)
+    with pytest.raises(TypeError, match="latent_dtype"):
+        fb.euler_cache_step(x, x, H, latent_dtype=torch.int8)
+    with pytest.raises(TypeError, match="floating point"):
+        fb.euler_cache_step(x, x.long(), H)
+
+
+def _grad(net, ro, method, plan, reward):
+    net.zero_grad()
+    out = fb.reward_backprop(method, net, ro, reward, plan=plan, executor="streaming")
+    return flat_grad(net).clone(), out.weight.detach().clone()
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id in ("torch", "cpu")])
+def test_fp8_cache_changes_pinned_gradients_only_through_the_weight(backend, monkeypatch):
+    """Pinned methods use the cached velocities' values only in xhat, which the pin replaces by the true
+    latent; what remains is the residual inside the similarity weight. So with an fp8 cache:
+    flowbp-sparse (weight 1) gives the identical gradient, and flowbp-lagrange's gradient is the fp32-cache
+    gradient times w_fp8 / w_fp32 (one sample per rollout, so the ratio is one number)."""
+    force(monkeypatch, backend)
+    n = 8
+    sig = fb.flow_sigmas(n, shift=3.0)
+    net = TinyVelocity(sig)
+    reward = TinyReward()
+    for seed in (5, 6):
+        x0 = torch.randn(1, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        ro32 = fb.rollout(net, x0, sig, cache="fp32")
+        ro8 = fb.rollout(net, x0, sig, cache="fp8")
+        assert torch.equal(ro32.sample, ro8.sample)
+        assert not torch.equal(ro32.velocity(3), ro8.velocity(3)), "the fp8 cache must actually be lossy"
+        sparse = fb.get_method("flowbp-sparse")
+        plan = sparse.plan(n, torch.Generator().manual_seed(seed))
+        g32, _ = _grad(net, ro32, sparse, plan, reward)
+        g8, _ = _grad(net, ro8, sparse, plan, reward)
+        assert torch.equal(g32, g8)
+        lag = fb.get_method("flowbp-lagrange", tau=1e-9)  # tau below the residuals: the weight sees them
+        plan = lag.plan(n, torch.Generator().manual_seed(seed))
+        g32, w32 = _grad(net, ro32, lag, plan, reward)
+        g8, w8 = _grad(net, ro8, lag, plan, reward)
+        assert not torch.equal(w32, w8), "the residual-based weight should see the fp8 error"
+        ratio = float(w8 / w32)
+        torch.testing.assert_close(g8, g32 * ratio, rtol=1e-12, atol=1e-15)
