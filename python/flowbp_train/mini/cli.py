@@ -1,0 +1,162 @@
+"""``flowbp-mini``: build, inspect and study the CPU miniature.
+
+Subcommands: ``pretrain`` (the base model), ``train-reward`` (the reward CNN), ``train-judge`` (the SVC
+judge) - each rewrites its file in ``flowbp_train/mini/weights`` and its sha256; ``sample`` (a grid of
+every digit from the base model or a LoRA run); ``check`` (the base model's per-digit judge accuracy);
+``align`` (the direct LoRA loop of :mod:`flowbp_train.mini.align`, writing grids, curves, summary and
+LoRA); ``report`` (the same report for a finished ``flowbp-train recipes/mini/*.yaml`` run); ``study`` (``benchmarks/mini_study.py``: every method, 3 seeds). The trainer's
+``flowbp-mini`` entry point calls :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _adapter(guidance: float):
+    from flowbp_train.models.mini import MiniAdapter
+
+    return MiniAdapter.from_pretrained("mini", guidance_scale=guidance)
+
+
+def _cmd_pretrain(a) -> int:
+    from flowbp_train.mini.pretrain import PretrainConfig, pretrain
+
+    pretrain(PretrainConfig(steps=a.steps, seed=a.seed, threads=a.threads), out_dir=a.out)
+    return 0
+
+
+def _cmd_train_reward(a) -> int:
+    import torch
+
+    from flowbp_train.mini.classifier import train_reward_cnn
+
+    torch.set_num_threads(a.threads)
+    train_reward_cnn(out_dir=a.out, seed=a.seed)
+    return 0
+
+
+def _cmd_train_judge(a) -> int:
+    from flowbp_train.mini.classifier import train_judge
+
+    train_judge(out_dir=a.out)
+    return 0
+
+
+def _cmd_sample(a) -> int:
+    import torch
+
+    from flowbp_train.mini.data import canonical_prompts
+    from flowbp_train.mini.report import eval_noise, generate, save_grid
+
+    torch.set_num_threads(a.threads)
+    ad = _adapter(a.guidance)
+    if a.lora:
+        from flowbp_train.mini.lora import load_lora
+
+        load_lora(ad.transformer, a.lora)
+    prompts = canonical_prompts()
+    rows = [p for p in prompts for _ in range(a.per_prompt)]
+    x = generate(ad, rows, eval_noise(ad, len(prompts), a.per_prompt), a.steps)
+    print(save_grid(x, a.out, a.per_prompt))
+    return 0
+
+
+def _cmd_check(a) -> int:
+    import torch
+
+    from flowbp_train.mini.report import evaluate
+    from flowbp_train.rewards.mini import DigitJudge, DigitReward
+
+    torch.set_num_threads(a.threads)
+    m, _ = evaluate(_adapter(a.guidance), DigitReward(), DigitJudge(), per_prompt=a.per_prompt, num_steps=a.steps)
+    print(json.dumps(m, indent=2))
+    return 0
+
+
+def _cmd_align(a) -> int:
+    from flowbp_train.mini.run import run_main_job
+
+    run_main_job(a.output_dir, method=a.method, steps=a.max_train_steps, seed=a.seed, threads=a.threads)
+    return 0
+
+
+def _cmd_report(a) -> int:
+    import torch
+
+    from flowbp_train.mini.run import report_run
+
+    torch.set_num_threads(a.threads)
+    report_run(a.output_dir)
+    return 0
+
+
+def _cmd_study(a) -> int:
+    from flowbp_train.mini.study import run_study
+
+    run_study(steps=a.steps, seeds=a.seeds, out_dir=a.out, methods=a.methods, threads=a.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowbp-mini", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("pretrain", help="rectified-flow pretraining of the base model (writes the weights)")
+    s.add_argument("--steps", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--out", default=None, help="folder (default: the package's weights folder)")
+    s.set_defaults(fn=_cmd_pretrain)
+    for name, fn, help_ in (("train-reward", _cmd_train_reward, "train the reward CNN on half A"),
+                            ("train-judge", _cmd_train_judge, "fit the SVC judge on half B")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--out", default=None)
+        s.set_defaults(fn=fn)
+    for name, fn, help_ in (("sample", _cmd_sample, "PNG grid of every digit"),
+                            ("check", _cmd_check, "score the base model's samples (reward, judge per digit)")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--guidance", type=float, default=1.0)
+        s.add_argument("--steps", type=int, default=10)
+        s.add_argument("--per-prompt", type=int, default=8)
+        s.add_argument("--threads", type=int, default=1)
+        if name == "sample":
+            s.add_argument("--out", default="mini_samples.png")
+            s.add_argument("--lora", default=None, help="a pytorch_lora_weights.safetensors to apply")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("align", help="the main job without the trainer (direct LoRA loop)")
+    s.add_argument("--method", default="flowbp-lagrange")
+    s.add_argument("--max-train-steps", type=int, default=60)
+    s.add_argument("--output-dir", default="flowbp-output/mini-flowbp-lagrange")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=_cmd_align)
+    s = sub.add_parser("report", help="grids, curves and summary of a finished flowbp-train mini run")
+    s.add_argument("output_dir")
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=_cmd_report)
+    s = sub.add_parser("study", help="every method, same steps, several seeds (benchmarks/mini_study.py)")
+    s.add_argument("--steps", type=int, default=40)
+    s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--methods", nargs="*", default=None)
+    s.add_argument("--out", default="benchmarks/results/mini_study")
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(fn=_cmd_study)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``flowbp-mini``; returns the exit status."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+    rc = args.fn(args)
+    print(f"flowbp-mini {args.command}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

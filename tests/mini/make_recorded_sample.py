@@ -1,0 +1,35 @@
+"""Record the sample that tests/mini/test_base_model.py reproduces.
+
+Run from the repository root: ``OMP_NUM_THREADS=1 python tests/mini/make_recorded_sample.py``.
+It loads the committed base weights, samples four prompts (CFG 2.0, 10 Euler steps, noise seed 7, one
+thread) and writes ``tests/mini/recorded_sample.safetensors`` with the sha256 of the weights it used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+PROMPTS = ["a handwritten digit zero", "the handwritten digit three", "a drawn number seven", "digit eight"]
+GUIDANCE, STEPS, SEED = 2.0, 10, 7
+OUT = Path(__file__).resolve().parent / "recorded_sample.safetensors"
+
+
+def make_sample() -> torch.Tensor:
+    from flowbp_train.mini.report import generate
+    from flowbp_train.models.mini import MiniAdapter
+
+    ad = MiniAdapter.from_pretrained("mini", guidance_scale=GUIDANCE)
+    noise = ad.initial_noise(len(PROMPTS), torch.Generator().manual_seed(SEED))
+    return generate(ad, PROMPTS, noise, STEPS)
+
+
+if __name__ == "__main__":
+    from flowbp_train.mini.model import BASE_FILE, WEIGHTS_DIR, sha256_of
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    save_file({"sample": make_sample().contiguous()}, str(OUT),
+              metadata={"weights_sha256": sha256_of(WEIGHTS_DIR / BASE_FILE)})
+    print(f"wrote {OUT}")
