@@ -89,20 +89,21 @@ def main(argv=None) -> int:
                   for q in range(4)]
         h = [float(sig[i + 1] - sig[i]) for i in range(n)]
         for i in range(n):
-            def to_end(x, i=i):
+            def to_end(x, i=i, net=net, h=h):
                 for q in range(i, n):
                     x = x + h[q] * net(x, q)
                 return x
 
             inflation[i].append(jac_norm(to_end, ro.latent(i), probes))
             alpha = fb.DEFAULTS["flowbp-bridge"]["alpha"]
-            bridge_factor[i].append(jac_norm(lambda x, i=i: x + alpha * h[i] * net(x, i), ro.latent(i), probes))
+            bridge_factor[i].append(
+                jac_norm(lambda x, i=i, a=alpha, h=h, net=net: x + a * h[i] * net(x, i), ro.latent(i), probes))
 
     mean = lambda xs: sum(xs) / len(xs)
     print(f"# gradient_fidelity: N={n}, seeds={args.seeds}, plans/method={args.plans}, DiT gain={args.gain}; "
           f"{metadata()}")
     print("\n## Cosine and norm ratio vs exact full backprop (mean over random plans and seeds)")
-    print(f"| method | cosine | norm ratio |\n|---|---:|---:|")
+    print("| method | cosine | norm ratio |\n|---|---:|---:|")
     table1 = []
     for name in fb.METHODS:
         c, r = mean(per_method[name]["cos"]), mean(per_method[name]["ratio"])

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         m = fb.get_method(name)
         plan = m.plan(n, active=list(range(n - k, n))) if name != "full" else m.plan(n)
         for ex in fb.EXECUTORS:
-            def step():
+            def step(m=m, plan=plan, ex=ex):
                 net.zero_grad(set_to_none=True)
                 fb.reward_backprop(m, net, ro, reward, plan=plan, executor=ex)
 

@@ -41,8 +41,9 @@ def git_rev() -> str:
 
 def build(family: str, size: str, device, dtype):
     import diffusers
-    from flowbp_train.models import adapter_class
     from peft import LoraConfig
+
+    from flowbp_train.models import adapter_class
 
     spec = json.loads((HERE / "configs" / f"{FAMILIES[family]}.json").read_text())
     cfg = dict(spec["config"])

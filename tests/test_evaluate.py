@@ -10,10 +10,11 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from flowbp_train import evaluate as ev
 from flowbp_train.models.base import FlowAdapter, PromptBatch
 from flowbp_train.rewards import Reward, register_reward
-from PIL import Image
 
 PROMPTS = ["a cat", "a red house by the sea", "two dogs", "an apple", "night sky with stars"]
 

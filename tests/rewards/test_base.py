@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from flowbp_train.rewards import Reward, WeightedSum, available_rewards, get_reward, register_reward
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from flowbp_train.rewards.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -26,7 +28,6 @@ from flowbp_train.rewards.preprocess import (
     hpsv2_preprocess,
     openclip_preprocess,
 )
-from PIL import Image
 
 from ._images import synthetic_image, to_tensor
 

@@ -18,12 +18,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from flowbp_train.rewards.aesthetic import AestheticMLP, AestheticReward
 from flowbp_train.rewards.clipscore import CLIPScoreReward
 from flowbp_train.rewards.hpsv2 import HPSv2Reward
 from flowbp_train.rewards.imagereward import ImageRewardReward
 from flowbp_train.rewards.pickscore import PickScoreReward
-from PIL import Image
 
 from ._images import synthetic_image, to_tensor
 from ._tiny import TinyImageReward, ToyTokenizer, tiny_clip, tiny_open_clip

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from flowbp_train.cli import train_main
 from flowbp_train.config import ConfigError, TrainConfig, load_config, load_prompts
 
