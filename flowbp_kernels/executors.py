@@ -212,6 +212,7 @@ def reward_backprop(
     loss_scale: float = 1.0,
     keep_node_grads: bool = False,
     no_sync: Callable[[], AbstractContextManager] | None = None,
+    all_finite: Callable[[bool], bool] | None = None,
 ) -> StepOutput:
     """Accumulate the parameter gradients of one reward-backprop step into ``.grad``.
 
@@ -233,6 +234,9 @@ def reward_backprop(
             gradient synchronisation (``ddp.no_sync``; FSDP2 ``set_requires_gradient_sync(False)``).
             Every model forward and backward runs inside it except the last model forward (and, for
             streaming, its backward), so gradients are synchronised once per step, not once per node.
+        all_finite: for data-parallel training, maps this rank's "loss is finite" to "finite on every
+            rank" (an all-reduce), so that all ranks raise :class:`NonFiniteLossError` together, before
+            any synchronised backward.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
@@ -255,6 +259,7 @@ def reward_backprop(
     run = _retain if executor == "retain" else _streaming
     recorder = _GradRecorder(keep_node_grads and executor == "streaming")
     sync = _SyncSchedule(no_sync, sur.num_reforwards)
+    sync.all_finite = all_finite
     try:
         out = run(sur, velocity_fn, rollout, reward_fn, loss_of, float(loss_scale), params, recorder, sync)
     finally:
@@ -271,6 +276,7 @@ class _SyncSchedule:
 
     def __init__(self, no_sync, total: int):
         self.no_sync, self.left = no_sync, total
+        self.all_finite: Callable[[bool], bool] | None = None
 
     def next(self) -> AbstractContextManager:
         self.left -= 1
@@ -279,10 +285,13 @@ class _SyncSchedule:
         return self.no_sync()
 
 
-def _finish_loss(terms, loss_of, scale):
+def _finish_loss(terms, loss_of, scale, sync):
     total = sum(loss_of(r, w) for r, w in terms) / len(terms) * scale
-    if not torch.isfinite(total.detach()):
-        raise NonFiniteLossError(f"non-finite loss {float(total.detach())}; no gradient was accumulated")
+    ok = bool(torch.isfinite(total.detach()))
+    if sync.all_finite is not None:
+        ok = sync.all_finite(ok)
+    if not ok:
+        raise NonFiniteLossError(f"non-finite loss (this rank: {float(total.detach())}); no gradient was accumulated")
     return total
 
 
@@ -317,7 +326,7 @@ def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder, s
             rc = _check_reward(reward_fn(xc + (float(ro.sigmas[-1]) - float(ro.sigmas[m])) * v.to(xc.dtype)), batch)
             terms.append((rc, weight))
             copies.append(rc.detach())
-        total = _finish_loss(terms, loss_of, scale)
+        total = _finish_loss(terms, loss_of, scale, sync)
         total.backward()
     return _output(total, r, weight, d_j, d_0, sur, residuals, nodes_info, copies)
 
@@ -344,7 +353,7 @@ def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder
         batch = x_r.shape[0]
         r = _check_reward(reward_fn(x_r), batch)
         weight, d_j, d_0 = _weight(sur, residuals, batch, r)
-        main = _finish_loss([(r, weight)], loss_of, scale / n_terms)
+        main = _finish_loss([(r, weight)], loss_of, scale / n_terms, sync)
         (g,) = torch.autograd.grad(main, x_r)
     total = main.detach()
 
@@ -355,7 +364,7 @@ def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder
         with torch.enable_grad(), sync.next():
             v = velocity_fn(xc.to(ro.cache.latent_dtype), m)
             rc = _check_reward(reward_fn(xc + (float(ro.sigmas[-1]) - float(ro.sigmas[m])) * v.to(xc.dtype)), batch)
-            lc = _finish_loss([(rc, weight)], loss_of, scale / n_terms)
+            lc = _finish_loss([(rc, weight)], loss_of, scale / n_terms, sync)
             rec = {"index": m, "segment": None, "input": "renoised", "cotangent_norm": None}
             run_node(lc, torch.ones_like(lc), None, rec)
         nodes_info.append(rec)

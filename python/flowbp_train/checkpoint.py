@@ -108,21 +108,116 @@ def save_checkpoint(
             torch.save(ema.state_dict(), tmp / "ema.pt")
         torch.save(rng_state(generators), tmp / "random_states.pt")
         (tmp / STATE_FILE).write_text(json.dumps({**state, "global_step": step}, indent=2, default=str))
-        old = None
-        if final.exists():  # re-saving the same step: keep the old one until the new one is in place
-            old = root / f".old-checkpoint-{step}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return publish_checkpoint(tmp, final, total_limit)
+
+
+def publish_checkpoint(tmp: Path, final: Path, total_limit: int | None) -> Path:
+    """Rename a complete temporary folder to its final name (replacing a checkpoint of the same step
+    only once the new one is in place) and prune to ``total_limit`` checkpoints."""
+    root = final.parent
+    old = None
+    if final.exists():  # re-saving the same step: keep the old one until the new one is in place
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     if total_limit is not None:
         ckpts = list_checkpoints(root)
         for stale in ckpts[: max(0, len(ckpts) - total_limit)]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def save_checkpoint_distributed(
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    ema=None,
+    generators: dict[str, torch.Generator],
+    state: dict,
+    total_limit: int | None = None,
+) -> Path:
+    """The multi-rank checkpoint, called on EVERY rank: model, optimizer and EMA through
+    torch.distributed.checkpoint (``distcp/``, each rank writes its shards), one ``random_states_<rank>.pt``
+    per rank, the scheduler and ``trainer_state.json`` from rank 0; published atomically by rank 0."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from flowbp_train.distributed import unwrap
+
+    rank = dist.get_rank()
+    root = Path(output_dir)
+    final = root / f"checkpoint-{step}"
+    tmp = root / f".tmp-checkpoint-{step}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    msd, osd = get_state_dict(unwrap(model), optimizer)
+    payload = {"model": msd, "optim": osd}
+    if ema is not None:
+        payload["ema"] = {str(i): t for i, t in enumerate(ema.shadow)}
+    dcp.save(payload, checkpoint_id=os.fspath(tmp / "distcp"))
+    torch.save(rng_state(generators), tmp / f"random_states_{rank}.pt")
+    if rank == 0:
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        info = {**state, "global_step": step, "world_size": dist.get_world_size()}
+        (tmp / STATE_FILE).write_text(json.dumps(info, indent=2, default=str))
+    dist.barrier()
+    if rank == 0:
+        publish_checkpoint(tmp, final, total_limit)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint_distributed(
+    folder: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler,
+    ema=None,
+    generators: dict[str, torch.Generator],
+) -> dict:
+    """Restore what :func:`save_checkpoint_distributed` wrote; called on every rank of a run with the
+    same world size (each rank restores its own random streams)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from flowbp_train.distributed import unwrap
+
+    folder = Path(folder)
+    state = json.loads((folder / STATE_FILE).read_text())
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not (folder / "distcp").is_dir():
+        raise ValueError(f"resume_from_checkpoint: {folder} was written by a single process; resume it with "
+                         f"one process, or start a new multi-rank run")
+    if state.get("world_size") != world:
+        raise ValueError(f"resume_from_checkpoint: {folder} was written by {state.get('world_size')} ranks, "
+                         f"this run has {world}; resume with the same number of ranks")
+    msd, osd = get_state_dict(unwrap(model), optimizer)
+    payload = {"model": msd, "optim": osd}
+    if ema is not None:
+        payload["ema"] = {str(i): t for i, t in enumerate(ema.shadow)}
+    dcp.load(payload, checkpoint_id=os.fspath(folder / "distcp"))
+    set_state_dict(unwrap(model), optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
+    if ema is not None:
+        for i, t in enumerate(ema.shadow):
+            if payload["ema"][str(i)] is not t:
+                t.copy_(payload["ema"][str(i)])
+    lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(folder / f"random_states_{rank}.pt", weights_only=False), generators)
+    return state
 
 
 def load_checkpoint(

@@ -100,6 +100,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 3  # this many non-finite steps in a row stop the run
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    distributed_strategy: str = "ddp"  # under torchrun: "ddp", "fsdp2" (fully_shard per block) or "none"
     # outputs
     output_dir: str = "flowbp-output"
     checkpointing_steps: int = 100
@@ -283,6 +284,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
           "e.g. pretrained_model_name_or_path=/models/FLUX.1-dev")
     _need(cfg.method in METHODS, f"method: expected one of {', '.join(METHODS)}, got {cfg.method!r}")
     _need(cfg.executor in EXECUTORS, f"executor: expected one of {', '.join(EXECUTORS)}, got {cfg.executor!r}")
+    _need(cfg.distributed_strategy in ("ddp", "fsdp2", "none"),
+          f"distributed_strategy: expected ddp, fsdp2 or none, got {cfg.distributed_strategy!r}")
     _need(cfg.velocity_cache in ("fp32", "bf16", "fp8"),
           f"velocity_cache: expected fp32, bf16 or fp8, got {cfg.velocity_cache!r}")
     _need(cfg.num_steps >= 1, f"num_steps: expected an integer >= 1, got {cfg.num_steps}")

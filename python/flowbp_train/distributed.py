@@ -93,14 +93,21 @@ def wrap_model(model: torch.nn.Module, strategy: str, state: DistState) -> torch
 
         ids = [state.device.index] if state.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     blocks = _blocks(model)
     if not blocks:
         raise ValueError(f"fsdp2: found no transformer blocks in {type(model).__name__} (looked for {BLOCK_LISTS})")
+    # FSDP2 all-gathers one dtype per group: with a bf16 base and fp32 LoRA weights, gather (and compute)
+    # in the narrowest dtype and reduce gradients in fp32; the sharded fp32 LoRA masters stay fp32
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    kw = {}
+    if len(dtypes) > 1:
+        narrow = min(dtypes, key=lambda d: torch.finfo(d).bits)
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=narrow, reduce_dtype=torch.float32)
     for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
     return model
 
 

@@ -4,8 +4,9 @@ One step (shared/design/ALGORITHM.md sections 2-5): sample prompts and noise, ro
 gradient caching every latent and velocity, draw the method's plan from the index sampler (its own
 CPU generator, seeded identically on every rank), let ``flowbp_kernels.reward_backprop`` accumulate the
 parameter gradients, then clip (default 1.0), step AdamW and the EMA. A non-finite loss or gradient
-skips the step; ``max_nonfinite_steps`` in a row stop the run. Data parallelism (issue 6) plugs in at
-three isolated points: :func:`wrap_model`, :func:`shard_prompts` and :func:`sync_gradients`.
+skips the step; ``max_nonfinite_steps`` in a row stop the run. Under torchrun the transformer is
+wrapped by DDP or sharded by FSDP2 (``distributed_strategy``, see ``flowbp_train.distributed``); the
+executor's node backwards run under ``no_sync`` but the last, so gradients are reduced once per step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -23,6 +25,7 @@ import torch
 
 from flowbp_kernels import NonFiniteLossError, get_method, reward_backprop, rollout
 from flowbp_train import checkpoint as ckpt
+from flowbp_train import distributed as D
 from flowbp_train.config import TrainConfig, dump_yaml, load_prompts, validate
 from flowbp_train.models.base import FlowAdapter
 
@@ -37,11 +40,11 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) unless torch.distributed is initialised (torchrun)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def dist_state(cfg: TrainConfig) -> D.DistState:
+    """Join the process group when started by torchrun / accelerate launch (``WORLD_SIZE`` > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return D.init_distributed("cpu" if cfg.device == "cpu" else "auto")
+    return D.DistState(device=resolve_device(cfg.device))
 
 
 def shard_prompts(prompts: list[str], rank: int, world_size: int) -> list[str]:
@@ -50,14 +53,9 @@ def shard_prompts(prompts: list[str], rank: int, world_size: int) -> list[str]:
     return shard or prompts
 
 
-def wrap_model(transformer: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """Where DDP / FSDP2 (``fully_shard`` per block) will wrap the transformer; identity on one rank."""
-    return transformer
-
-
 def sync_gradients(params: list[torch.Tensor], world_size: int) -> None:
-    """Average gradients across ranks, once, after the executor's last node (the engine runs several
-    backward passes per step, so per-backward DDP hooks would sync too often)."""
+    """Average gradients across ranks by hand (``distributed_strategy: none`` under torchrun only; DDP
+    and FSDP2 reduce during the executor's last node backward)."""
     if world_size == 1:
         return
     for p in params:
@@ -168,6 +166,11 @@ class Tracker:
             self.wandb.finish()
 
 
+def _scalar(t) -> float:
+    """A norm as a float (FSDP2 returns a DTensor)."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 def _mean(t) -> float | None:
     return None if t is None else float(t.float().mean())
 
@@ -200,9 +203,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, adapter: FlowAdapter | None = None, reward=None):
         self.cfg = validate(cfg)
-        self.rank, self.world_size = dist_info()
+        self.dist = dist_state(cfg)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.is_main = self.rank == 0
-        self.device = resolve_device(cfg.device) if adapter is None else adapter.device
+        self.device = self.dist.device if adapter is None else adapter.device
         self.out = Path(cfg.output_dir)
         self.method = get_method(cfg.method, **cfg.method_options)
         self.prompts = shard_prompts(load_prompts(cfg.prompts), self.rank, self.world_size)
@@ -227,10 +231,16 @@ class Trainer:
         if isinstance(reward, torch.nn.Module):
             reward.to(self.device).requires_grad_(False).eval()
         self.reward = reward
-        self.params = add_trainable(adapter, cfg)
+        add_trainable(adapter, cfg)
         if cfg.gradient_checkpointing:
             adapter.enable_gradient_checkpointing()
-        adapter.transformer = wrap_model(adapter.transformer, cfg)
+        self.strategy = cfg.distributed_strategy if self.world_size > 1 else "none"
+        self.model = D.wrap_model(adapter.transformer, self.strategy, self.dist)
+        adapter.set_forward_module(self.model)  # DDP: velocity functions call the wrapper
+        # after sharding: FSDP2 replaces the parameters by DTensors
+        self.params = [p for p in adapter.transformer.parameters() if p.requires_grad]
+        self.no_sync = D.no_sync_context(self.model, self.strategy, self.dist)
+        self.all_finite = (lambda ok: D.all_ranks_ok(ok, self.dist)) if self.world_size > 1 else None
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         from diffusers.optimization import get_scheduler
@@ -252,7 +262,7 @@ class Trainer:
             adapter.offload_text_encoders()
 
     # -------------------------------------------------------------- one step
-    def _micro_step(self, loss_scale: float) -> tuple:
+    def _micro_step(self, loss_scale: float, last: bool = True) -> tuple:
         cfg, ad = self.cfg, self.adapter
         idx = torch.randint(len(self.prompts), (cfg.train_batch_size,), generator=self.generators["data"])
         prompts = [self.prompts[i] for i in idx.tolist()]
@@ -264,9 +274,13 @@ class Trainer:
         plan = self.method.plan(cfg.num_steps, self.generators["index_sampler"])
         if cfg.cfg_grad_compensate and ad.guidance_scale > 1 and ad.family != "flux1":
             loss_scale = loss_scale / ad.guidance_scale
-        out = reward_backprop(self.method, velocity, ro, lambda x: self.reward.score(ad.decode(x), prompts),
-                              plan=plan, executor=cfg.executor, loss=self.loss_spec, params=self.params,
-                              loss_scale=loss_scale)
+        # gradient accumulation: earlier micro-batches never synchronise; the last one does, once
+        outer = self.no_sync() if (self.no_sync is not None and not last) else contextlib.nullcontext()
+        with outer:
+            out = reward_backprop(self.method, velocity, ro, lambda x: self.reward.score(ad.decode(x), prompts),
+                                  plan=plan, executor=cfg.executor, loss=self.loss_spec, params=self.params,
+                                  loss_scale=loss_scale, no_sync=self.no_sync if last else None,
+                                  all_finite=self.all_finite)
         return out, prompts
 
     def training_step(self) -> dict:
@@ -277,22 +291,23 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         outs, skip_reason = [], None
-        for _ in range(cfg.gradient_accumulation_steps):
+        for q in range(cfg.gradient_accumulation_steps):
             try:
-                out, _ = self._micro_step(1.0 / cfg.gradient_accumulation_steps)
+                out, _ = self._micro_step(1.0 / cfg.gradient_accumulation_steps,
+                                          last=q == cfg.gradient_accumulation_steps - 1)
             except NonFiniteLossError as exc:
                 skip_reason = str(exc)
                 break
             outs.append(out)
         grad_norm = clipped = None
         if skip_reason is None:
-            sync_gradients(self.params, self.world_size)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            if self.strategy == "none":
+                sync_gradients(self.params, self.world_size)
+            grad_norm = _scalar(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
             if not math.isfinite(grad_norm):
                 skip_reason = f"non-finite gradient norm {grad_norm}"
         if skip_reason is None:
-            clipped = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.float().norm() for p in self.params if p.grad is not None])))
+            clipped = _scalar(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
             self.optimizer.step()
             self.lr_scheduler.step()
             if self.ema is not None:
@@ -307,7 +322,12 @@ class Trainer:
                     f"{self.nonfinite_in_a_row} non-finite steps in a row (last: {skip_reason}); stopping. Try a "
                     f"lower learning_rate, mixed_precision=no, or check the reward and the model weights")
         self.global_step += 1
-        return self._record(outs, grad_norm, clipped, skip_reason, time.perf_counter() - t0)
+        rec = self._record(outs, grad_norm, clipped, skip_reason, time.perf_counter() - t0)
+        if self.world_size > 1 and rec["loss"] is not None:  # log the mean over ranks (skips are global)
+            both = torch.tensor([rec["loss"], rec["reward"]], dtype=torch.float64, device=self.dist.device)
+            torch.distributed.all_reduce(both)
+            rec["loss"], rec["reward"] = (both / self.world_size).tolist()
+        return rec
 
     def _record(self, outs, grad_norm, clipped, skip_reason, seconds) -> dict:
         rec = {"step": self.global_step, "skipped": skip_reason is not None, "lr": self.lr_scheduler.get_last_lr()[0],
@@ -330,14 +350,24 @@ class Trainer:
         return rec
 
     # -------------------------------------------------------------- checkpoints
-    def _write_weights(self, folder: Path) -> None:
+    def _write_weights(self, folder: Path, state_dict: dict | None = None) -> None:
+        """LoRA (diffusers format) or ``transformer/``; ``state_dict``: the full weights gathered from
+        the ranks (multi-rank export), else the module's own."""
         tr = self.adapter.transformer
         if self.cfg.rank == 0:
-            tr.save_pretrained(folder / "transformer")
+            if state_dict is None:
+                tr.save_pretrained(folder / "transformer")
+            else:  # gathered from shards: the config plus one safetensors file, as save_pretrained writes
+                from safetensors.torch import save_file
+
+                (folder / "transformer").mkdir(parents=True, exist_ok=True)
+                tr.save_config(folder / "transformer")
+                save_file({k: v.contiguous() for k, v in state_dict.items()},
+                          folder / "transformer" / "diffusion_pytorch_model.safetensors")
         else:
             from peft.utils import get_peft_model_state_dict
 
-            self.adapter.save_lora_weights(folder, get_peft_model_state_dict(tr))
+            self.adapter.save_lora_weights(folder, get_peft_model_state_dict(tr, state_dict=state_dict))
 
     def _read_weights(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -360,13 +390,16 @@ class Trainer:
             p.data = p.data.float()
 
     def save_checkpoint(self) -> Path | None:
-        if not self.is_main:
-            return None
+        state = {"method": self.cfg.method, "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        if self.world_size > 1:  # every rank writes its shards
+            return ckpt.save_checkpoint_distributed(
+                self.out, self.global_step, model=self.model, optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators, state=state,
+                total_limit=self.cfg.checkpoints_total_limit)
         return ckpt.save_checkpoint(
             self.out, self.global_step, self._write_weights, optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators,
-            state={"method": self.cfg.method, "nonfinite_in_a_row": self.nonfinite_in_a_row},
-            total_limit=self.cfg.checkpoints_total_limit,
+            state=state, total_limit=self.cfg.checkpoints_total_limit,
         )
 
     def resume(self) -> None:
@@ -376,9 +409,14 @@ class Trainer:
                 warnings.warn(f"resume_from_checkpoint=latest: no checkpoint in {self.out}; starting fresh",
                               stacklevel=2)
             return
-        state = ckpt.load_checkpoint(folder, self._read_weights, optimizer=self.optimizer,
-                                     lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators,
-                                     map_location=self.device)
+        if self.world_size > 1:
+            state = ckpt.load_checkpoint_distributed(folder, model=self.model, optimizer=self.optimizer,
+                                                     lr_scheduler=self.lr_scheduler, ema=self.ema,
+                                                     generators=self.generators)
+        else:
+            state = ckpt.load_checkpoint(folder, self._read_weights, optimizer=self.optimizer,
+                                         lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators,
+                                         map_location=self.device)
         self.global_step = int(state["global_step"])
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
 
@@ -408,18 +446,21 @@ class Trainer:
             bar.close()
             self.tracker.close()
         result.global_step = self.global_step
-        if self.is_main:
-            self.save_final()
+        self.save_final()
         return result
 
     # -------------------------------------------------------------- final outputs
     def save_final(self) -> None:
-        """Final weights (EMA when used), sample images and the model card."""
+        """Final weights (EMA when used), sample images and the model card. Called on every rank: a
+        multi-rank run gathers the full weights (and samples with all ranks); rank 0 writes."""
         ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
         with ctx:
-            self._write_weights(self.out)
+            full = D.full_state_dict(self.model) if self.world_size > 1 else None
+            if self.is_main:
+                self._write_weights(self.out, full)
             images = self.sample_images() if self.cfg.num_sample_images else []
-        self._model_card(len(images))
+        if self.is_main:
+            self._model_card(len(images))
 
     @torch.no_grad()
     def sample_images(self) -> list[Path]:
@@ -429,7 +470,8 @@ class Trainer:
         cfg, ad = self.cfg, self.adapter
         prompts = (self.prompts * cfg.num_sample_images)[: cfg.num_sample_images]
         folder = self.out / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
         sigmas = ad.sigmas(cfg.sample_steps)
         gen = torch.Generator().manual_seed(cfg.seed)
         paths = []
@@ -439,9 +481,11 @@ class Trainer:
                          latent_dtype=self.latent_dtype)
             img = ad.decode(ro.sample)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
             path = folder / f"sample_{i:02d}.png"
-            Image.fromarray(img).save(path)
+            if self.is_main:  # every rank samples (FSDP2 forwards are collective); rank 0 writes
+                Image.fromarray(img).save(path)
             paths.append(path)
-        (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        if self.is_main:
+            (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
         return paths
 
     def _model_card(self, n_images: int) -> None:
@@ -470,5 +514,9 @@ Load: `{load}`. The resolved configuration is `config.yaml`; the per-step log is
 
 
 def train(cfg: TrainConfig, *, adapter: FlowAdapter | None = None, reward=None) -> TrainResult:
-    """Run a whole training (resuming when ``resume_from_checkpoint`` is set)."""
-    return Trainer(cfg, adapter=adapter, reward=reward).train()
+    """Run a whole training (resuming when ``resume_from_checkpoint`` is set). Under torchrun the process
+    group is destroyed at the end, also after an error."""
+    try:
+        return Trainer(cfg, adapter=adapter, reward=reward).train()
+    finally:
+        D.cleanup()

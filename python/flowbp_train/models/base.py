@@ -81,6 +81,17 @@ class FlowAdapter(ABC):
     #: the loaded pipeline, when the adapter was built from one (sample images, model card).
     pipeline = None
 
+    #: set by the trainer to the data-parallel wrapper (DDP) that velocity functions must call
+    _forward_module: torch.nn.Module | None = None
+
+    @property
+    def forward_module(self) -> torch.nn.Module:
+        """What ``velocity_fn`` calls: the transformer, or its DDP wrapper when training data-parallel."""
+        return self._forward_module if self._forward_module is not None else self.transformer
+
+    def set_forward_module(self, module: torch.nn.Module | None) -> None:
+        self._forward_module = None if module is self.transformer else module
+
     def enable_gradient_checkpointing(self) -> None:
         """Transformer (and VAE, when there is one) gradient checkpointing."""
         if hasattr(self.transformer, "enable_gradient_checkpointing"):

@@ -136,7 +136,7 @@ class FluxAdapter(FlowAdapter):
             t = torch.full((b,), sig[i], device=x.device, dtype=self.dtype)
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32) \
                 if use_guidance else None
-            return self.transformer(
+            return self.forward_module(
                 hidden_states=x.to(self.dtype), timestep=t, guidance=guidance, pooled_projections=pooled,
                 encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=self.img_ids, return_dict=False,
             )[0]

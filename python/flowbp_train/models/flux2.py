@@ -127,7 +127,7 @@ class Flux2Adapter(FlowAdapter):
             t = torch.full((b,), sigma, device=x.device, dtype=self.dtype)
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32) \
                 if use_guidance else None
-            return self.transformer(
+            return self.forward_module(
                 hidden_states=x.to(self.dtype), timestep=t, guidance=guidance, encoder_hidden_states=emb,
                 txt_ids=text_ids(emb), img_ids=self.img_ids.expand(b, -1, -1), return_dict=False,
             )[0]

@@ -144,7 +144,7 @@ class SD3Adapter(FlowAdapter):
     # ------------------------------------------------------------------ velocity and decode
     def _forward(self, x: torch.Tensor, sigma: float, emb: dict[str, torch.Tensor]) -> torch.Tensor:
         t = torch.full((x.shape[0],), sigma * self.timestep_scale, device=x.device, dtype=self.dtype)
-        return self.transformer(
+        return self.forward_module(
             hidden_states=x.to(self.dtype), timestep=t,
             encoder_hidden_states=emb["encoder_hidden_states"].to(self.dtype),
             pooled_projections=emb["pooled_projections"].to(self.dtype), return_dict=False,

@@ -1,0 +1,85 @@
+"""Worker for tests/dist/test_trainer_distributed.py: the Trainer itself under torchrun (2 CPU ranks).
+
+For DDP and FSDP2 with LoRA and EMA: 4 uninterrupted steps vs 2 steps, a checkpoint written by both
+ranks, and 2 resumed steps (losses must be identical); and the final LoRA gathered from the ranks,
+loaded by a plain diffusers pipeline with ``load_lora_weights``, must reproduce the trained model.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
+from tiny import sd3_pipeline, tiny_adapter  # noqa: E402
+
+from flowbp_train.config import from_dict  # noqa: E402
+from flowbp_train.trainer import Trainer  # noqa: E402
+
+
+class PixelReward:
+    def score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3)) - 0.5 * images[:, 0].std(dim=(1, 2))
+
+
+def config(out, strategy, **kw):
+    values = dict(family="sd3", pretrained_model_name_or_path="tiny", method="flowbp-bridge",
+                  method_options={"num_active": 3}, num_steps=6, resolution=16, train_batch_size=1,
+                  max_train_steps=4, learning_rate=1e-3, loss="neg", mixed_precision="no", device="cpu", rank=4,
+                  output_dir=out, report_to="none", num_sample_images=0, progress_bar=False,
+                  checkpointing_steps=2, distributed_strategy=strategy,
+                  prompts=["a cat", "a dog", "a red bus", "a tree"])
+    values.update(kw)
+    return from_dict(values)
+
+
+def run(out, strategy, **kw):
+    t = Trainer(config(out, strategy, **kw), adapter=tiny_adapter("sd3"), reward=PixelReward())
+    res = t.train()
+    return t, res.losses
+
+
+def main(root):
+    os.environ.setdefault("FLOWBP_BACKEND", "torch")
+    r = int(os.environ["RANK"])
+    res = {}
+    for strategy in ("ddp", "fsdp2"):
+        t, full = run(os.path.join(root, f"{strategy}-a"), strategy, use_ema=True)
+        res["world_size"] = t.world_size
+        run(os.path.join(root, f"{strategy}-b"), strategy, use_ema=True, max_train_steps=2)
+        _, resumed = run(os.path.join(root, f"{strategy}-b"), strategy, use_ema=True,
+                         resume_from_checkpoint="latest")
+        res[f"resume_{strategy}"] = {"uninterrupted": full, "resumed": resumed}
+        # export without EMA, so the exported weights are the trained ones
+        out = os.path.join(root, f"{strategy}-c")
+        t, _ = run(out, strategy, max_train_steps=2)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(1, 4, 8, 8, generator=g)
+        enc = torch.randn(1, 4, 32, generator=g)
+        pooled = torch.randn(1, 32, generator=g)
+        ts = torch.tensor([500.0])
+        with torch.no_grad():
+            y = t.adapter.transformer(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                                      timestep=ts).sample
+        if r == 0:
+            pipe = sd3_pipeline(0)
+            with torch.no_grad():
+                y0 = pipe.transformer(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                                      timestep=ts).sample
+            pipe.load_lora_weights(out)
+            with torch.no_grad():
+                y2 = pipe.transformer(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                                      timestep=ts).sample
+            res[f"export_{strategy}"] = {"max_diff": float((y - y2).abs().max()),
+                                         "lora_effect": float((y - y0).abs().max())}
+        dist.barrier()
+    with open(os.path.join(root, f"rank{r}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1])
