@@ -4,7 +4,7 @@ detach/pin arithmetic, per-node VJPs and torch.func Jacobian products."""
 
 import pytest
 import torch
-from conftest import TinyReward, TinyVelocity, flat_grad, rel_err
+from _engine import TinyReward, TinyVelocity, flat_grad, rel_err
 
 import flowbp_kernels as fb
 from flowbp_kernels import lagrange_weights, support_nodes

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TinyVelocity
+from _engine import TinyVelocity
 
 import flowbp_kernels as fb
 
