@@ -13,15 +13,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "train"))
-from tiny import sd3_pipeline, tiny_adapter  # noqa: E402
+from tiny import PixelReward, sd3_pipeline, tiny_adapter  # noqa: E402
 
 from flowbp_train.config import from_dict  # noqa: E402
 from flowbp_train.trainer import Trainer  # noqa: E402
-
-
-class PixelReward:
-    def score(self, images, prompts):
-        return images.mean(dim=(1, 2, 3)) - 0.5 * images[:, 0].std(dim=(1, 2))
 
 
 def config(out, strategy, **kw):

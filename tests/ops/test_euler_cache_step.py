@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TinyReward, TinyVelocity, flat_grad
+from _engine import TinyReward, TinyVelocity, flat_grad
 from kernel_helpers import BATCHES, DTYPES, ROW_SIZES, assert_close_to_truth, backend_params, force, make
 
 import flowbp_kernels as fb

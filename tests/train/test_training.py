@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import NaNReward, PixelReward
-from tiny import PIPELINES, tiny_adapter
+from tiny import PIPELINES, NaNReward, PixelReward, tiny_adapter
 
 from flowbp_kernels import METHODS
 from flowbp_train import checkpoint as ckpt
