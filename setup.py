@@ -6,13 +6,15 @@ when torch has CUDA and nvcc is found. With no torch in the build environment (a
 ``pip install .``) the install is pure Python and the kernels are compiled on first use (flowbp_kernels/_ext.py).
 Environment: FLOWBP_SKIP_CUDA_BUILD=1 (CPU only), FLOWBP_FORCE_CUDA_BUILD=1 (CUDA even with no visible GPU;
 fails without nvcc), FLOWBP_BUILD_CUDA=0/1 (same two, as ARCHITECTURE.md names them), FLOWBP_CUDA_ARCHS
-(default "8.0;9.0"), FLOWBP_SKIP_CPU_BUILD=1 (no extension at all), FLOWBP_CPU_NATIVE=1 (-march=native).
+(default "8.0;9.0"), FLOWBP_SKIP_CPU_BUILD=1 (no extension at all), FLOWBP_CPU_NATIVE=0 (a portable build
+without -march=native; the default builds for the machine that compiles, as the kernels are built where used).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import platform
 import shutil
 import sys
 
@@ -43,7 +45,8 @@ def cxx_flags(native: bool = False) -> list[str]:
     flags = ["-O3", "-ffp-contract=off"]
     if sys.platform != "darwin":
         flags.append("-fopenmp")
-    if native:
+    if native and platform.machine().lower() in ("x86_64", "amd64"):
+        # in-cache sizes are instruction-bound: AVX2/AVX-512 instead of the SSE2 baseline
         flags.append("-march=native")
     return flags
 
@@ -84,7 +87,7 @@ def extensions():
         return [], {}
     use_cuda, why = _want_cuda(torch, CUDA_HOME)
     _say(f"building the CPU kernels; CUDA kernels: {'yes' if use_cuda else 'no'} ({why})")
-    cflags = cxx_flags(_flag("FLOWBP_CPU_NATIVE"))
+    cflags = cxx_flags(os.environ.get("FLOWBP_CPU_NATIVE", "1").strip() != "0")
     ldflags = ["-fopenmp"] if sys.platform != "darwin" else []
     if use_cuda:
         archs = os.environ.get("FLOWBP_CUDA_ARCHS", "8.0;9.0")

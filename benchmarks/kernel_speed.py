@@ -15,6 +15,7 @@ freed memory (else eager pays page faults on every temporary). Table on stdout, 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -37,10 +38,12 @@ if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in _STEADY_ENV
 import torch  # noqa: E402
 
 import flowbp_kernels as fb  # noqa: E402
-from flowbp_kernels.ops import euler_cache_step as ecs  # noqa: E402
-from flowbp_kernels.ops import lagrange_leap as ll  # noqa: E402
 from flowbp_kernels.ops import reference as ref  # noqa: E402
-from flowbp_kernels.ops import surrogate_vjp as sv  # noqa: E402
+
+# the op modules (the package re-exports functions of the same names)
+ecs = importlib.import_module("flowbp_kernels.ops.euler_cache_step")
+ll = importlib.import_module("flowbp_kernels.ops.lagrange_leap")
+sv = importlib.import_module("flowbp_kernels.ops.surrogate_vjp")
 
 SHAPES = {
     "flux1-512": (1024, 64),
@@ -89,6 +92,11 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
+# every configuration is its own graph: let dynamo keep them all
+torch._dynamo.config.recompile_limit = 4096
+torch._dynamo.config.accumulated_recompile_limit = 1 << 16
+
+
 def cases(shape, batch, device, ops, node_dtypes, ps):
     """(op, variant, bytes, {impl_name: callable}) for each benchmarked configuration."""
     full = (batch, *shape)
@@ -135,16 +143,20 @@ def cases(shape, batch, device, ops, node_dtypes, ps):
         if "euler_cache_step" in ops:
             for fmt in ("fp32", "bf16", "fp8"):
                 x, v = rnd(torch.float32), rnd(ndt)
-                db = {"fp32": 4, "bf16": 2, "fp8": 1}[fmt]
-                nbytes = _nb(torch.float32, 3 * n) + _nb(ndt, n) + db * n + (4 * n // shape[-1] if fmt == "fp8" else 0)
+                # bytes: read x and v, write x_next, plus the cached latent / velocity where they are not v or x
+                db = {"fp32": 0 if ndt == torch.float32 else 4, "bf16": 2, "fp8": 1}[fmt]
+                lb = 0 if ndt == torch.float32 else _nb(ndt, n)
+                scales = 4 * n // shape[-1] if fmt == "fp8" else 0
+                nbytes = _nb(torch.float32, 2 * n) + _nb(ndt, n) + lb + db * n + scales
+                # the cached latent is kept in the model's dtype (that of v), as in a real rollout
                 impls = {
-                    "eager": lambda x=x, v=v, f=fmt: ref.euler_cache_step_ref(
-                        x, v, -0.05, velocity_format=f, latent_dtype=torch.float32
+                    "eager": lambda x=x, v=v, f=fmt, d=ndt: ref.euler_cache_step_ref(
+                        x, v, -0.05, velocity_format=f, latent_dtype=d
                     )
                 }
                 impls["compile"] = _compiled(impls["eager"])
                 for be in BACKENDS:
-                    impls[be] = lambda be=be, x=x, v=v, f=fmt: ecs._IMPL[be](x, v, -0.05, f, torch.float32)
+                    impls[be] = lambda be=be, x=x, v=v, f=fmt, d=ndt: ecs._IMPL[be](x, v, -0.05, f, d)
                 out.append(("euler_cache_step", f"format={fmt} v={tag}", nbytes, impls))
     return out
 

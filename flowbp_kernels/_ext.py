@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import importlib.machinery
 import os
+import platform
 import sys
 import threading
 from pathlib import Path
@@ -67,6 +68,8 @@ def _jit_build() -> str:
         raise RuntimeError("the C++ sources (csrc/) are not installed with this copy of flowbp_kernels")
     sources = [str(root / "registration.cpp"), *sorted(glob.glob(str(root / "*" / "*_cpu.cpp")))]
     cflags = ["-O3", "-ffp-contract=off"] + (["-fopenmp"] if sys.platform != "darwin" else [])
+    if os.environ.get("FLOWBP_CPU_NATIVE", "1").strip() != "0" and platform.machine().lower() in ("x86_64", "amd64"):
+        cflags.append("-march=native")  # built where it runs (as setup.py does)
     want_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
@@ -154,18 +157,15 @@ def _register_fakes() -> None:
     _fakes_done = True
 
     @torch.library.register_fake("flowbp::euler_cache_step")
-    def _(x, v, h, velocity_format, latent_dtype):
+    def _(x, v, h, velocity_format, latent_dtype, write_cached=True, write_data=True):
         x_next = x.new_empty(x.shape, dtype=_working(x.dtype))
-        x_cached = x.new_empty(x.shape, dtype=latent_dtype)
+        x_cached = x.new_empty(x.shape if write_cached else (0,), dtype=latent_dtype)
         if velocity_format == 2:
-            return (
-                x_next,
-                x_cached,
-                x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
-                x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
-            )
+            data, scale = x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((*x.shape[:-1], 1))
+            return x_next, x_cached, data, scale.float()
         vd = _working(v.dtype) if velocity_format == 0 else torch.bfloat16
-        return x_next, x_cached, x.new_empty(x.shape, dtype=vd), x.new_empty((0,), dtype=torch.float32)
+        data = x.new_empty(x.shape if write_data else (0,), dtype=vd)
+        return x_next, x_cached, data, x.new_empty((0,), dtype=torch.float32)
 
     @torch.library.register_fake("flowbp::lagrange_leap_fwd")
     def _(anchor, nodes, weights, target, base):

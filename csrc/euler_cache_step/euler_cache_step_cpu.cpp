@@ -15,8 +15,8 @@ namespace flowbp {
 namespace {
 
 template <typename W>
-void euler_rows(const at::Tensor& x, const at::Tensor& v, double h, int64_t fmt, at::Tensor& x_next,
-                at::Tensor& x_cached, at::Tensor& v_data, at::Tensor& v_scale) {
+void euler_rows(const at::Tensor& x, const at::Tensor& v, double h, int64_t fmt, bool write_cached, bool write_data,
+                at::Tensor& x_next, at::Tensor& x_cached, at::Tensor& v_data, at::Tensor& v_scale) {
   const int64_t numel = x.numel();
   const int64_t cols = x.dim() == 0 ? 1 : x.size(-1);
   const int64_t rows = cols == 0 ? 0 : numel / cols;
@@ -25,50 +25,59 @@ void euler_rows(const at::Tensor& x, const at::Tensor& v, double h, int64_t fmt,
   const void* vp = v.data_ptr();
   const auto xt = x.scalar_type(), vt = v.scalar_type(), lt = x_cached.scalar_type();
   W* np = x_next.data_ptr<W>();
-  void* cp = x_cached.data_ptr();
-  void* dp = v_data.data_ptr();
+  void* cp = write_cached ? x_cached.data_ptr() : nullptr;
+  void* dp = write_data ? v_data.data_ptr() : nullptr;
   const auto dt = v_data.scalar_type();
   const bool raw_copy = fmt == kFormatFp32 && (vt == at::kFloat || vt == at::kDouble);
   const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(cols, 1));
 
+  // Blocks hold whole rows (about kBlock elements), so the fp8 rows are quantized while the block's
+  // velocities are still in L1.
+  const int64_t rows_per_block = std::max<int64_t>(1, kBlock / std::max<int64_t>(cols, 1));
+  const int64_t buf = rows_per_block * cols;
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-    std::vector<W> xb(kBlock), vb(kBlock), nb(kBlock);
-    std::vector<float> vf(std::max<int64_t>(kBlock, cols));
-    // Elementwise part over the task's rows, block by block.
-    for (int64_t b = r0 * cols; b < r1 * cols; b += kBlock) {
-      const int64_t n = std::min(kBlock, r1 * cols - b);
+    std::vector<W> xb(buf), vb(buf);
+    std::vector<float> vf(buf);
+    for (int64_t rb = r0; rb < r1; rb += rows_per_block) {
+      const int64_t nrows = std::min(rows_per_block, r1 - rb);
+      const int64_t b = rb * cols, n = nrows * cols;
       const W* xs = load_span<W>(xp, xt, b, n, xb.data());
       const W* vs = load_span<W>(vp, vt, b, n, vb.data());
       W* out = np + b;
       for (int64_t i = 0; i < n; ++i) out[i] = xs[i] + hw * vs[i];
-      store_span<W>(cp, lt, b, n, xs);
+      if (write_cached) store_span<W>(cp, lt, b, n, xs);
+      if (!write_data) continue;
       if (raw_copy) {
-        std::memcpy(static_cast<char*>(dp) + b * v.element_size(), static_cast<const char*>(vp) + b * v.element_size(),
-                    n * v.element_size());
+        const int64_t es = v.element_size();
+        std::memcpy(static_cast<char*>(dp) + b * es, static_cast<const char*>(vp) + b * es, n * es);
       } else if (fmt == kFormatFp32) {
         store_span<W>(dp, dt, b, n, vs);  // half/bf16 -> fp32 is exact through W
       } else if (fmt == kFormatBf16) {
-        const float* vs32 = load_span<float>(vp, vt, b, n, vf.data());
+        const float* v32 = load_span<float>(vp, vt, b, n, vf.data());
         uint16_t* d = static_cast<uint16_t*>(dp) + b;
-        for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits(vs32[i]);
+        for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits(v32[i]);
+      } else {
+        const float* v32 = load_span<float>(vp, vt, b, n, vf.data());
+        float* sp = v_scale.data_ptr<float>() + rb;
+        uint8_t* q = static_cast<uint8_t*>(dp) + b;
+        for (int64_t r = 0; r < nrows; ++r) {
+          const float* row = v32 + r * cols;
+          float amax = 0.0f;
+          uint32_t nan = 0;
+          // max of non-NaN values is order-free, so the SIMD reduction is exact; NaN is tracked apart
+          // because torch's amax() propagates it and the max idiom does not.
+#pragma omp simd reduction(max : amax) reduction(| : nan)
+          for (int64_t i = 0; i < cols; ++i) {
+            const float a = std::fabs(row[i]);
+            amax = a > amax ? a : amax;
+            nan |= static_cast<uint32_t>(f32_bits(a) > 0x7F800000u);
+          }
+          const float scale = nan ? NAN : std::max(amax / kFp8Max, kFp8MinScale);
+          sp[r] = scale;
+          uint8_t* qr = q + r * cols;
+          for (int64_t i = 0; i < cols; ++i) qr[i] = e4m3fn_bits(row[i] / scale);
+        }
       }
-    }
-    if (fmt != kFormatFp8) return;
-    float* sp = v_scale.data_ptr<float>();
-    uint8_t* qp = static_cast<uint8_t*>(dp);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* row = load_span<float>(vp, vt, r * cols, cols, vf.data());
-      float amax = 0.0f;
-      bool nan = false;
-      for (int64_t i = 0; i < cols; ++i) {
-        amax = std::max(amax, std::fabs(row[i]));
-        nan |= row[i] != row[i];
-      }
-      // amax() propagates NaN in torch; std::max does not, so carry it explicitly.
-      float scale = nan ? NAN : std::max(amax / kFp8Max, kFp8MinScale);
-      sp[r] = scale;
-      uint8_t* q = qp + r * cols;
-      for (int64_t i = 0; i < cols; ++i) q[i] = e4m3fn_bits(row[i] / scale);
     }
   });
 }
@@ -76,7 +85,8 @@ void euler_rows(const at::Tensor& x, const at::Tensor& v, double h, int64_t fmt,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cpu(const at::Tensor& x_in,
                                                                                 const at::Tensor& v_in, double h,
                                                                                 int64_t fmt,
-                                                                                at::ScalarType latent_dtype) {
+                                                                                at::ScalarType latent_dtype,
+                                                                                bool write_cached, bool write_data) {
   TORCH_CHECK(x_in.device().is_cpu() && v_in.device().is_cpu(), "flowbp::euler_cache_step: x and v must be on CPU");
   TORCH_CHECK(x_in.sizes() == v_in.sizes(), "flowbp::euler_cache_step: v must have the shape of x ", x_in.sizes(),
               ", got ", v_in.sizes());
@@ -87,13 +97,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cpu(
               "flowbp::euler_cache_step: velocity_format must be 0 (fp32), 1 (bf16) or 2 (fp8), got ", fmt);
   TORCH_CHECK(fmt != kFormatFp8 || x_in.dim() >= 1, "flowbp::euler_cache_step: fp8 needs at least one dimension");
   TORCH_CHECK(std::isfinite(h), "flowbp::euler_cache_step: h must be finite");
+  TORCH_CHECK(write_data || fmt == kFormatFp32, "flowbp::euler_cache_step: write_data=False needs format 0 (fp32)");
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const auto wd = working_dtype(x.scalar_type());
   at::Tensor x_next = at::empty(x.sizes(), x.options().dtype(wd));
-  at::Tensor x_cached = at::empty(x.sizes(), x.options().dtype(latent_dtype));
+  const std::vector<int64_t> none{0};
+  at::Tensor x_cached = at::empty(write_cached ? x.sizes() : at::IntArrayRef(none), x.options().dtype(latent_dtype));
   at::Tensor v_data, v_scale;
   if (fmt == kFormatFp32) {
-    v_data = at::empty(x.sizes(), x.options().dtype(working_dtype(v.scalar_type())));
+    v_data = at::empty(write_data ? x.sizes() : at::IntArrayRef(none), x.options().dtype(working_dtype(v.scalar_type())));
     v_scale = at::empty({0}, x.options().dtype(at::kFloat));
   } else if (fmt == kFormatBf16) {
     v_data = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
@@ -106,9 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cpu(
   }
   if (x.numel() == 0) return {x_next, x_cached, v_data, v_scale};
   if (wd == at::kDouble) {
-    euler_rows<double>(x, v, h, fmt, x_next, x_cached, v_data, v_scale);
+    euler_rows<double>(x, v, h, fmt, write_cached, write_data, x_next, x_cached, v_data, v_scale);
   } else {
-    euler_rows<float>(x, v, h, fmt, x_next, x_cached, v_data, v_scale);
+    euler_rows<float>(x, v, h, fmt, write_cached, write_data, x_next, x_cached, v_data, v_scale);
   }
   return {x_next, x_cached, v_data, v_scale};
 }

@@ -27,7 +27,8 @@ __global__ void euler_elementwise_kernel(const void* __restrict__ x, int xc, con
     const W xv = load_as<W>(x, xc, i);
     const W vv = load_as<W>(v, vc, i);
     x_next[i] = add_rn(xv, mul_rn(h, vv));
-    store_as<W>(x_cached, lc, i, xv);
+    if (x_cached != nullptr) store_as<W>(x_cached, lc, i, xv);
+    if (v_data == nullptr) continue;
     if (fmt == kFormatFp32) {
       if (vc == kF64) static_cast<double*>(v_data)[i] = static_cast<const double*>(v)[i];
       else store_as<W>(v_data, dc, i, vv);
@@ -54,7 +55,7 @@ __global__ void euler_fp8_rows_kernel(const void* __restrict__ x, int xc, const 
       nan |= vf != vf;
       const W xv = load_as<W>(x, xc, i);
       x_next[i] = add_rn(xv, mul_rn(h, load_as<W>(v, vc, i)));
-      store_as<W>(x_cached, lc, i, xv);
+      if (x_cached != nullptr) store_as<W>(x_cached, lc, i, xv);
     }
     amax = warp_max(amax);
     nan = __any_sync(0xffffffffu, nan);
@@ -67,7 +68,8 @@ __global__ void euler_fp8_rows_kernel(const void* __restrict__ x, int xc, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cuda(const at::Tensor& x_in,
                                                                                  const at::Tensor& v_in, double h,
                                                                                  int64_t fmt,
-                                                                                 at::ScalarType latent_dtype) {
+                                                                                 at::ScalarType latent_dtype,
+                                                                                 bool write_cached, bool write_data) {
   TORCH_CHECK(x_in.is_cuda() && v_in.device() == x_in.device(),
               "flowbp::euler_cache_step: x and v must be on the same CUDA device");
   TORCH_CHECK(x_in.sizes() == v_in.sizes(), "flowbp::euler_cache_step: v must have the shape of x ", x_in.sizes(),
@@ -78,14 +80,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cuda
   TORCH_CHECK(fmt == kFormatFp32 || fmt == kFormatBf16 || fmt == kFormatFp8,
               "flowbp::euler_cache_step: velocity_format must be 0, 1 or 2, got ", fmt);
   TORCH_CHECK(fmt != kFormatFp8 || x_in.dim() >= 1, "flowbp::euler_cache_step: fp8 needs at least one dimension");
+  TORCH_CHECK(write_data || fmt == kFormatFp32, "flowbp::euler_cache_step: write_data=False needs format 0 (fp32)");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const auto wd = working_dtype(x.scalar_type());
   at::Tensor x_next = at::empty(x.sizes(), x.options().dtype(wd));
-  at::Tensor x_cached = at::empty(x.sizes(), x.options().dtype(latent_dtype));
+  const std::vector<int64_t> none{0};
+  at::Tensor x_cached = at::empty(write_cached ? x.sizes() : at::IntArrayRef(none), x.options().dtype(latent_dtype));
   at::Tensor v_data, v_scale = at::empty({0}, x.options().dtype(at::kFloat));
   if (fmt == kFormatFp32) {
-    v_data = at::empty(x.sizes(), x.options().dtype(working_dtype(v.scalar_type())));
+    v_data = at::empty(write_data ? x.sizes() : at::IntArrayRef(none), x.options().dtype(working_dtype(v.scalar_type())));
   } else if (fmt == kFormatBf16) {
     v_data = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
   } else {
@@ -104,12 +108,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cuda
       const int64_t cols = x.size(-1), rows = n / cols;
       euler_fp8_rows_kernel<W><<<blocks_for(rows, kThreads / 32, 1 << 20), kThreads, 0, stream>>>(
           x.data_ptr(), xc, v.data_ptr(), vc, static_cast<W>(h), rows, cols, x_next.data_ptr<W>(),
-          x_cached.data_ptr(), lc, static_cast<uint8_t*>(v_data.data_ptr()), v_scale.data_ptr<float>());
+          write_cached ? x_cached.data_ptr() : nullptr, lc, static_cast<uint8_t*>(v_data.data_ptr()), v_scale.data_ptr<float>());
     } else {
       const int dc = fmt == kFormatFp32 ? dtype_code(v_data.scalar_type()) : kBF16;
       euler_elementwise_kernel<W><<<blocks_for(n, kThreads * kUnroll, 1 << 20), kThreads, 0, stream>>>(
-          x.data_ptr(), xc, v.data_ptr(), vc, static_cast<W>(h), n, x_next.data_ptr<W>(), x_cached.data_ptr(), lc,
-          v_data.data_ptr(), dc, fmt);
+          x.data_ptr(), xc, v.data_ptr(), vc, static_cast<W>(h), n, x_next.data_ptr<W>(),
+          write_cached ? x_cached.data_ptr() : nullptr, lc, write_data ? v_data.data_ptr() : nullptr, dc, fmt);
     }
   };
   if (wd == at::kDouble) launch(double{}); else launch(float{});

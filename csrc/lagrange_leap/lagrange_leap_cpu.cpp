@@ -62,6 +62,7 @@ void leap(const at::Tensor& anchor, const std::vector<at::Tensor>& nodes, c10::A
         if (tg.p) {
           const W* tv = load_span<W>(tg.p, tg.t, s, n, tmp.data());
           W block_sum = 0;
+#pragma omp simd reduction(+ : block_sum)
           for (int64_t i = 0; i < n; ++i) {
             o[i] = tv[i];
             block_sum += std::abs(x[i] - tv[i]);

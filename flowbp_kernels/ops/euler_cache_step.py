@@ -31,18 +31,36 @@ from flowbp_kernels.ops._dispatch import choose_backend, compiled_dtypes_check
 _FORMAT_CODE = {"fp32": 0, "bf16": 1, "fp8": 2}
 
 
-def _compiled(x, v, h, velocity_format, latent_dtype):
-    x_next, x_cached, v_data, v_scale = torch.ops.flowbp.euler_cache_step(
-        x, v, float(h), _FORMAT_CODE[velocity_format], latent_dtype
+def _writes(x, v, velocity_format, latent_dtype) -> tuple[bool, bool]:
+    """Which of x_cached / v_data need writing: where the cast is the identity, torch's ``.to()`` returns the
+    tensor itself, and so do we (no copy, the same aliasing as the reference)."""
+    write_cached = latent_dtype != x.dtype
+    write_data = not (velocity_format == "fp32" and v.dtype == ref.working_dtype(v.dtype))
+    return write_cached, write_data
+
+
+def _finish(x, v, velocity_format, outs, writes):
+    x_next, x_cached, v_data, v_scale = outs
+    return (
+        x_next,
+        x_cached if writes[0] else x,
+        v_data if writes[1] else v,
+        v_scale if velocity_format == "fp8" else None,
     )
-    return x_next, x_cached, v_data, (v_scale if velocity_format == "fp8" else None)
+
+
+def _compiled(x, v, h, velocity_format, latent_dtype):
+    writes = _writes(x, v, velocity_format, latent_dtype)
+    outs = torch.ops.flowbp.euler_cache_step(x, v, float(h), _FORMAT_CODE[velocity_format], latent_dtype, *writes)
+    return _finish(x, v, velocity_format, outs, writes)
 
 
 def _triton(x, v, h, velocity_format, latent_dtype):
     from flowbp_kernels.triton.euler_cache_step import euler_cache_step_fwd
 
-    x_next, x_cached, v_data, v_scale = euler_cache_step_fwd(x, v, h, _FORMAT_CODE[velocity_format], latent_dtype)
-    return x_next, x_cached, v_data, (v_scale if velocity_format == "fp8" else None)
+    writes = _writes(x, v, velocity_format, latent_dtype)
+    outs = euler_cache_step_fwd(x, v, h, _FORMAT_CODE[velocity_format], latent_dtype, *writes)
+    return _finish(x, v, velocity_format, outs, writes)
 
 
 def _torch(x, v, h, velocity_format, latent_dtype):

@@ -23,7 +23,7 @@ TILE_ELEMS = 2048
 def _euler_cache_step_kernel(
     x_ptr, v_ptr, xn_ptr, xc_ptr, vd_ptr, sc_ptr, h, rows, cols,
     X_KIND: tl.constexpr, V_KIND: tl.constexpr, L_KIND: tl.constexpr, FMT: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_CACHED: tl.constexpr, WRITE_DATA: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     c = tl.arange(0, BLOCK_C)
@@ -33,9 +33,11 @@ def _euler_cache_step_kernel(
     x = load_f32(x_ptr, offs, mask, X_KIND)
     v = load_f32(v_ptr, offs, mask, V_KIND)
     tl.store(xn_ptr + offs, x + h * v, mask=mask)
-    store_f32(xc_ptr, offs, x, mask, L_KIND)
+    if WRITE_CACHED:
+        store_f32(xc_ptr, offs, x, mask, L_KIND)
     if FMT == 0:
-        tl.store(vd_ptr + offs, v, mask=mask)
+        if WRITE_DATA:
+            tl.store(vd_ptr + offs, v, mask=mask)
     elif FMT == 1:
         store_f32(vd_ptr, offs, v, mask, 2)
     else:
@@ -59,14 +61,23 @@ def unsupported(x: torch.Tensor, v: torch.Tensor, latent_dtype: torch.dtype) -> 
     return None
 
 
-def euler_cache_step_fwd(x: torch.Tensor, v: torch.Tensor, h: float, fmt: int, latent_dtype: torch.dtype):
-    """Launcher: checks were done by the caller; allocates the outputs and launches one kernel."""
+def euler_cache_step_fwd(
+    x: torch.Tensor,
+    v: torch.Tensor,
+    h: float,
+    fmt: int,
+    latent_dtype: torch.dtype,
+    write_cached: bool = True,
+    write_data: bool = True,
+):
+    """Launcher: checks were done by the caller; allocates the outputs and launches one kernel.
+    ``write_cached`` / ``write_data`` False: that output is returned empty (the caller keeps x / v)."""
     x = x.contiguous()
     v = v.contiguous()
     x_next = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    x_cached = torch.empty(x.shape, dtype=latent_dtype, device=x.device)
+    x_cached = torch.empty(x.shape if write_cached else (0,), dtype=latent_dtype, device=x.device)
     data_dtype = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)[fmt]
-    v_data = torch.empty(x.shape, dtype=data_dtype, device=x.device)
+    v_data = torch.empty(x.shape if write_data else (0,), dtype=data_dtype, device=x.device)
     cols = x.shape[-1] if x.dim() else 1
     scale_shape = (*x.shape[:-1], 1) if fmt == 2 else (0,)
     v_scale = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
@@ -77,11 +88,12 @@ def euler_cache_step_fwd(x: torch.Tensor, v: torch.Tensor, h: float, fmt: int, l
     rows_per = max(1, TILE_ELEMS // block_c)
     xk, xkind = kernel_arg(x)
     vk, vkind = kernel_arg(v)
-    ck, ckind = kernel_arg(x_cached)
-    dk, _ = kernel_arg(v_data)
+    ck, ckind = kernel_arg(x_cached) if write_cached else (x_next, 0)
+    dk, _ = kernel_arg(v_data) if write_data else (x_next, 0)
     grid = (triton.cdiv(rows, rows_per),)
     _euler_cache_step_kernel[grid](
         xk, vk, x_next, ck, dk, v_scale if fmt == 2 else x_next, float(h), rows, cols,
-        X_KIND=xkind, V_KIND=vkind, L_KIND=ckind, FMT=fmt, ROWS=rows_per, BLOCK_C=block_c,
+        X_KIND=xkind, V_KIND=vkind, L_KIND=ckind, FMT=fmt, WRITE_CACHED=write_cached, WRITE_DATA=write_data,
+        ROWS=rows_per, BLOCK_C=block_c,
     )  # fmt: skip
     return x_next, x_cached, v_data, v_scale

@@ -120,6 +120,7 @@ def _op_samples(device="cpu"):
         (ops.euler_cache_step.default, (x, v, -0.1, 0, torch.float32)),
         (ops.euler_cache_step.default, (x, v, -0.1, 1, torch.bfloat16)),
         (ops.euler_cache_step.default, (x, v, -0.1, 2, torch.float32)),
+        (ops.euler_cache_step.default, (x, x, -0.1, 0, torch.float32, False, False)),
         (ops.lagrange_leap_fwd.default, (x, [v, x], [0.5, -1.0], t, None)),
         (ops.lagrange_leap_fwd.default, (x, [v], [0.5], None, t)),
         (ops.surrogate_vjp.default, (x, t, [0.5, 2.0], torch.bfloat16)),
@@ -128,7 +129,7 @@ def _op_samples(device="cpu"):
 
 
 @requires_ext
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(8))
 def test_opcheck_registered_ops(case):
     op, args = _op_samples()[case]
     torch.library.opcheck(op, args)
