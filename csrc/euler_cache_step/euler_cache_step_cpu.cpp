@@ -75,6 +75,8 @@ void euler_rows(const at::Tensor& x, const at::Tensor& v, double h, int64_t fmt,
           const float scale = nan ? NAN : std::max(amax / kFp8Max, kFp8MinScale);
           sp[r] = scale;
           uint8_t* qr = q + r * cols;
+          // qr (uint8_t) may alias anything for the compiler, which then keeps this loop scalar
+#pragma omp simd
           for (int64_t i = 0; i < cols; ++i) qr[i] = e4m3fn_bits(row[i] / scale);
         }
       }
