@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flowbp_train.mini.align import add_lora
-from flowbp_train.models.mini import MiniAdapter
 
 from flowbp_kernels import rollout
+from flowbp_train.mini.align import add_lora
+from flowbp_train.models.mini import MiniAdapter
 
 
 @pytest.fixture()
@@ -23,7 +23,8 @@ def adapter64():
 def _raw(ad, x, cond, sigma):
     """The transformer called directly, as diffusers' SD3 pipeline does (timestep = 1000 sigma)."""
     t = torch.full((x.shape[0],), sigma * 1000.0, dtype=ad.dtype)
-    return ad.transformer(hidden_states=x.to(ad.dtype), encoder_hidden_states=cond["encoder_hidden_states"].to(ad.dtype),
+    enc = cond["encoder_hidden_states"].to(ad.dtype)
+    return ad.transformer(hidden_states=x.to(ad.dtype), encoder_hidden_states=enc,
                           pooled_projections=cond["pooled_projections"].to(ad.dtype), timestep=t).sample
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from flowbp_train.mini import metrics
 from flowbp_train.mini.data import (
     NUM_CLASSES,

@@ -29,6 +29,16 @@ def test_direct_main_job_two_steps(tmp_path):
     grid = Image.open(tmp_path / "grid_before.png")
     assert grid.size == (8 * 65 + 1, 10 * 65 + 1)  # 8 seeds x 10 digits of 64 px plus 1 px gaps
 
+    # flowbp-eval loads the LoRA through MiniAdapter.load_lora_weights and scores with both mini rewards
+    from flowbp_train import evaluate
+
+    (tmp_path / "prompts.txt").write_text("digit one\ndigit two\n")
+    evaluate.main(["--family", "mini", "--model", "mini", "--lora", str(tmp_path), "--prompts",
+                   str(tmp_path / "prompts.txt"), "--reward", "mini", "--reward", "mini_judge", "--output-dir",
+                   str(tmp_path / "eval"), "--num-steps", "4", "--device", "cpu", "--no-progress"])
+    ev = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert ev["rewards"]["mini"]["n"] == 2 and 0 <= ev["rewards"]["mini_judge"]["mean"] <= 1
+
 
 def test_trainer_main_job_two_steps(tmp_path):
     cli = pytest.importorskip("flowbp_train.cli", reason="the trainer's CLI is not there yet")
@@ -65,9 +75,8 @@ def test_saved_bytes_meter_counts_saved_tensors():
 
 
 def test_step_scaled_options_only_touch_refl():
-    from flowbp_train.mini.align import step_scaled_options
-
     from flowbp_kernels import METHODS
+    from flowbp_train.mini.align import step_scaled_options
 
     assert step_scaled_options("refl", 10) == {"last_n": 4}  # round(11 * 10 / 25)
     assert step_scaled_options("refl", 25) == {"last_n": 11}

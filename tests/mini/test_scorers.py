@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
 from flowbp_train.mini.classifier import JUDGE_FILE, REWARD_FILE, judge_features, load_reward_cnn
 from flowbp_train.mini.data import load_digits, prompt_for
 from flowbp_train.mini.model import HASHES_FILE, WEIGHTS_DIR, verified_path

@@ -4,8 +4,9 @@ Subcommands: ``pretrain`` (the base model), ``train-reward`` (the reward CNN), `
 judge) - each rewrites its file in ``flowbp_train/mini/weights`` and its sha256; ``sample`` (a grid of
 every digit from the base model or a LoRA run); ``check`` (the base model's per-digit judge accuracy);
 ``align`` (the direct LoRA loop of :mod:`flowbp_train.mini.align`, writing grids, curves, summary and
-LoRA); ``report`` (the same report for a finished ``flowbp-train recipes/mini/*.yaml`` run); ``study`` (``benchmarks/mini_study.py``: every method, 3 seeds). The trainer's
-``flowbp-mini`` entry point calls :func:`main`.
+LoRA); ``report`` (the same report for a finished ``flowbp-train recipes/mini/*.yaml`` run); ``study``
+(``benchmarks/mini_study.py``: every method, 3 seeds). The trainer's ``flowbp-mini`` entry point calls
+:func:`main`.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def markdown_table(agg: dict[str, dict], info: dict) -> str:
         f"TV {info['real_data']['total_variation']:.3f}).",
         "",
         "| method | eval reward gain | train reward gain | judge after | diversity after | TV after | "
-        "cos(grad, full) | |grad|/|full| | saved-for-backward MB (streaming / retain) | re-forwards | step ms |",
+        "cos(grad, full) | grad norm / full | saved-for-backward MB (streaming / retain) | re-forwards | step ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in agg.items():

@@ -79,6 +79,13 @@ class MiniAdapter(SD3Adapter):
         return cls(transformer, text_encoder, guidance_scale=cls.default_guidance if guidance_scale is None
                    else guidance_scale, device=device, dtype=dtype or torch.float32)
 
+    def load_lora_weights(self, path: str | Path, alpha: float | None = None) -> None:
+        """Attach a LoRA saved by the trainer or ``flowbp-mini align`` (file or folder; used by
+        ``flowbp-eval --lora``). ``alpha`` defaults to the rank (what the miniature recipes use)."""
+        from flowbp_train.mini.lora import load_lora
+
+        load_lora(self.transformer, path, alpha=alpha)
+
     def encode_prompts(self, prompts) -> PromptBatch:
         """As SD3: token and pooled features per prompt; the null prompt's as the negative branch."""
         if isinstance(prompts, str):
