@@ -93,3 +93,16 @@ def test_hash_check_refuses_tampered_file(tmp_path):
         verified_path(REWARD_FILE, tmp_path)
     with pytest.raises(FileNotFoundError, match="not found"):
         verified_path("missing.safetensors", tmp_path)
+
+
+def test_train_judge_reproduces_committed_file(tmp_path):
+    """`flowbp-mini train-judge` (libsvm is deterministic, metadata is one sorted-JSON entry) writes a
+    file byte-identical to the committed one."""
+    import json as _json
+
+    from flowbp_train.mini.cli import main
+
+    assert main(["train-judge", "--out", str(tmp_path)]) == 0
+    ours = _json.loads((tmp_path / HASHES_FILE).read_text())[JUDGE_FILE]
+    committed = _json.loads((WEIGHTS_DIR / HASHES_FILE).read_text())[JUDGE_FILE]
+    assert ours == committed

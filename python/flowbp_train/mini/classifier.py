@@ -11,7 +11,6 @@ evaluated in torch; :func:`svc_decisions` reproduces libsvm's one-vs-one decisio
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowbp_train.mini.data import NUM_CLASSES, load_digits
-from flowbp_train.mini.model import WEIGHTS_DIR, record_hash, verified_path
+from flowbp_train.mini.model import WEIGHTS_DIR, save_weights, verified_path
 
 REWARD_FILE = "reward_cnn.safetensors"
 JUDGE_FILE = "judge_svc.safetensors"
@@ -53,8 +52,6 @@ def _shift_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train_reward_cnn(epochs: int = 20, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                      out_dir: str | Path | None = None, log=print) -> dict:
     """Train the reward CNN on half A, report accuracy on half B, save ``reward_cnn.safetensors``."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     train, held = load_digits("A"), load_digits("B")
@@ -81,9 +78,7 @@ def train_reward_cnn(epochs: int = 20, batch_size: int = 64, lr: float = 1e-3, s
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REWARD_FILE
     meta = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "heldout_accuracy_B": acc}
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    sha = record_hash(path)
+    sha = save_weights(net.state_dict(), path, meta)
     log(f"reward CNN: held-out (half B) accuracy {acc:.4f}; saved {path} ({time.perf_counter() - t0:.0f}s)")
     return {**meta, "sha256": sha, "seconds": time.perf_counter() - t0}
 
@@ -154,7 +149,6 @@ def svc_decisions(x: torch.Tensor, sv: torch.Tensor, coef: torch.Tensor, interce
 
 def train_judge(C: float = 10.0, out_dir: str | Path | None = None, log=print) -> dict:
     """Fit the RBF SVC on half B (pooled view), report accuracy on half A, save ``judge_svc.safetensors``."""
-    from safetensors.torch import save_file
     from sklearn.svm import SVC
 
     t0 = time.perf_counter()
@@ -175,9 +169,7 @@ def train_judge(C: float = 10.0, out_dir: str | Path | None = None, log=print) -
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / JUDGE_FILE
     meta = {"C": C, "gamma": float(svc._gamma), "heldout_accuracy_A": acc, "num_support": int(sum(svc.n_support_))}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-    sha = record_hash(path)
+    sha = save_weights(tensors, path, meta)
     log(f"judge SVC: held-out (half A) accuracy {acc:.4f}; {meta['num_support']} support vectors; saved {path}")
     return {**meta, "sha256": sha, "seconds": time.perf_counter() - t0}
 

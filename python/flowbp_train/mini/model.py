@@ -13,6 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
+
 from flowbp_train.mini.text_encoder import TinyTextEncoder
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -77,17 +79,36 @@ def verified_path(name: str, weights_dir: str | Path | None = None) -> Path:
     return path
 
 
+META_KEY = "flowbp_mini"
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict) -> str:
+    """Save ``tensors`` as safetensors with ``metadata`` as ONE sorted-JSON entry and record the sha256.
+
+    One entry because safetensors writes several metadata entries in a per-process random order, which
+    would make the same weights hash differently from run to run."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(state, str(path), metadata={META_KEY: json.dumps(metadata, sort_keys=True)})
+    return record_hash(path)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata :func:`save_weights` stored in ``path``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get(META_KEY, "{}"))
+
+
 def save_base(transformer, text_encoder, path: str | Path, metadata: dict | None = None) -> str:
     """Save both networks into one safetensors file (prefixes ``transformer.``, ``text_encoder.``) and
     record its hash. Returns the sha256."""
-    from safetensors.torch import save_file
-
-    state = {f"transformer.{k}": v.detach().contiguous().cpu() for k, v in transformer.state_dict().items()}
-    state.update({f"text_encoder.{k}": v.detach().contiguous().cpu() for k, v in text_encoder.state_dict().items()})
-    meta = {"transformer_config": json.dumps(TRANSFORMER_CONFIG), "text_config": json.dumps(TEXT_CONFIG)}
-    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
-    save_file(state, str(path), metadata=meta)
-    return record_hash(path)
+    state = {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
+    state.update({f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()})
+    meta = {"transformer_config": TRANSFORMER_CONFIG, "text_config": TEXT_CONFIG, **(metadata or {})}
+    return save_weights(state, path, meta)
 
 
 def load_base(weights_dir: str | Path | None = None, name: str = BASE_FILE):
