@@ -10,10 +10,12 @@ PY="${PYTHON:-python3}"
 unset TRITON_INTERPRET FLOWBP_BACKEND
 export FLOWBP_CUDA_ARCHS="${FLOWBP_CUDA_ARCHS:-$("$PY" -c "import torch; c=torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')")}"
 export MAX_JOBS="${MAX_JOBS:-16}"
-# torch derives CUDA_HOME from `which nvcc`; a /usr/local/bin/nvcc link would give /usr/local (no libcudart)
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
-  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-  export CUDA_HOME
+# torch derives CUDA_HOME from `which nvcc`; a /usr/local/bin/nvcc link or wrapper script gives /usr/local,
+# where there is no libcudart: take the toolkit folder that has both nvcc and the runtime library
+if [ -z "${CUDA_HOME:-}" ]; then
+  for c in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent)")")")" /usr/local/cuda; do
+    if [ -x "$c/bin/nvcc" ] && ls "$c"/lib64/libcudart.so* >/dev/null 2>&1; then export CUDA_HOME="$c"; break; fi
+  done
 fi
 NV_INC="$("$PY" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'include'))" 2>/dev/null || true)"
 [ -n "$NV_INC" ] && [ -d "$NV_INC" ] && export CPATH="$NV_INC${CPATH:+:$CPATH}"

@@ -10,10 +10,12 @@ VENV="${VENV:-/tmp/flowbp-cuda-venv}"
 PYTHON="${PYTHON:-python3}"
 export FLOWBP_CUDA_ARCHS="${FLOWBP_CUDA_ARCHS:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
-# torch derives CUDA_HOME from `which nvcc`; a /usr/local/bin/nvcc link would give /usr/local (no libcudart)
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
-  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-  export CUDA_HOME
+# torch derives CUDA_HOME from `which nvcc`; a /usr/local/bin/nvcc link or wrapper script gives /usr/local,
+# where there is no libcudart: take the toolkit folder that has both nvcc and the runtime library
+if [ -z "${CUDA_HOME:-}" ]; then
+  for c in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent)")")")" /usr/local/cuda; do
+    if [ -x "$c/bin/nvcc" ] && ls "$c"/lib64/libcudart.so* >/dev/null 2>&1; then export CUDA_HOME="$c"; break; fi
+  done
 fi
 t0=$(date +%s)
 
