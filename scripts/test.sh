@@ -28,7 +28,7 @@ if [ "${FLOWBP_SKIP_JOB_B:-0}" != "1" ]; then
   "$VENV_CUDA/bin/python" -m pip install -q open_clip_torch pytest pyyaml numpy pillow "transformers>=4.44" \
     "diffusers>=0.32" safetensors tqdm matplotlib
   if [ -f scripts/ci_cuda_build.sh ]; then
-    VENV_CUDA="$VENV_CUDA" bash scripts/ci_cuda_build.sh
+    VENV="$VENV_CUDA" bash scripts/ci_cuda_build.sh
   fi
   PYTHONPATH="$PWD:$PWD/python" "$VENV_CUDA/bin/python" -m pytest -q -p no:cacheprovider tests/rewards
 fi

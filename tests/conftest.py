@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from _engine import TinyReward, TinyVelocity
 
-import flowbp_kernels as fb
+# Triton kernels are tested on the CPU in the interpreter; the variable must be set before any module
+# decorates a kernel (triton.jit reads it then), so here, before the first test module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from _engine import TinyReward, TinyVelocity  # noqa: E402
+
+import flowbp_kernels as fb  # noqa: E402
 
 
 @pytest.fixture

@@ -461,6 +461,7 @@ class Trainer:
             images = self.sample_images() if self.cfg.num_sample_images else []
         if self.is_main:
             self._model_card(len(images))
+            self.adapter.final_report(self.out, self.cfg)
 
     @torch.no_grad()
     def sample_images(self) -> list[Path]:

@@ -70,6 +70,11 @@ class FlowAdapter(ABC):
         """Latents (the ``velocity_fn`` layout) -> images ``[B, 3, H, W]`` in [0, 1], differentiable,
         VAE frozen."""
 
+    def final_report(self, output_dir: str | os.PathLike, cfg) -> None:
+        """Family-specific outputs at the end of a training run (the miniature writes its before/after
+        grids, curves and summary); nothing by default."""
+        return None
+
     def offload_text_encoders(self) -> None:
         """Move text encoders to CPU once prompts are encoded (no-op by default)."""
         return None

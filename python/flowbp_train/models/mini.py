@@ -112,3 +112,11 @@ class MiniAdapter(SD3Adapter):
         y = (latents.to(torch.promote_types(latents.dtype, torch.float32)) + 1) / 2
         y = y + (y.clamp(0, 1) - y).detach()
         return y.expand(-1, 3, -1, -1)
+
+    def final_report(self, output_dir, cfg) -> None:
+        """The miniature's report of a finished LoRA run: before/after grids of every prompt (same seeds),
+        reward and held-out judge curves, ``summary.json`` (``flowbp_train.mini.run.report_run``)."""
+        if getattr(cfg, "rank", 0) > 0:
+            from flowbp_train.mini.run import report_run
+
+            report_run(output_dir)

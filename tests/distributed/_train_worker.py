@@ -1,4 +1,4 @@
-"""Worker for tests/dist/test_trainer_distributed.py: the Trainer itself under torchrun (2 CPU ranks).
+"""Worker for tests/distributed/test_trainer_distributed.py: the Trainer itself under torchrun (2 CPU ranks).
 
 For DDP and FSDP2 with LoRA and EMA: 4 uninterrupted steps vs 2 steps, a checkpoint written by both
 ranks, and 2 resumed steps (losses must be identical); and the final LoRA gathered from the ranks,

@@ -1,7 +1,7 @@
 """DDP and FSDP2 on 2 CPU ranks (gloo, torchrun): gradient equality with one process on the combined
 batch, one gradient reduction per step under the streaming executor, save/resume with 2 ranks, export.
 
-All checks run in one torchrun launch (tests/dist/_worker.py); these tests read its results."""
+All checks run in one torchrun launch (tests/distributed/_worker.py); these tests read its results."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Worker for tests/dist/test_distributed.py, started by torchrun with 2 CPU ranks (gloo).
+"""Worker for tests/distributed/test_distributed.py, started by torchrun with 2 CPU ranks (gloo).
 
 Runs every check in one launch (starting processes is the slow part) and writes one JSON per rank:
 gradient equality of DDP and FSDP2 (full fine-tuning and LoRA) with a single process on the combined
