@@ -132,6 +132,19 @@ def publish_checkpoint(tmp: Path, final: Path, total_limit: int | None) -> Path:
     return final
 
 
+def _dcp_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> dict:
+    """What torch.distributed.checkpoint saves and loads: model, optimizer and EMA shadows (sharded)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from flowbp_train.distributed import unwrap
+
+    msd, osd = get_state_dict(unwrap(model), optimizer)
+    payload = {"model": msd, "optim": osd}
+    if ema is not None:
+        payload["ema"] = {str(i): t for i, t in enumerate(ema.shadow)}
+    return payload
+
+
 def save_checkpoint_distributed(
     output_dir: str | os.PathLike,
     step: int,
@@ -149,9 +162,6 @@ def save_checkpoint_distributed(
     per rank, the scheduler and ``trainer_state.json`` from rank 0; published atomically by rank 0."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from flowbp_train.distributed import unwrap
 
     rank = dist.get_rank()
     root = Path(output_dir)
@@ -162,10 +172,7 @@ def save_checkpoint_distributed(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    msd, osd = get_state_dict(unwrap(model), optimizer)
-    payload = {"model": msd, "optim": osd}
-    if ema is not None:
-        payload["ema"] = {str(i): t for i, t in enumerate(ema.shadow)}
+    payload = _dcp_payload(model, optimizer, ema)
     dcp.save(payload, checkpoint_id=os.fspath(tmp / "distcp"))
     torch.save(rng_state(generators), tmp / f"random_states_{rank}.pt")
     if rank == 0:
@@ -192,7 +199,7 @@ def load_checkpoint_distributed(
     same world size (each rank restores its own random streams)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from flowbp_train.distributed import unwrap
 
@@ -205,10 +212,7 @@ def load_checkpoint_distributed(
     if state.get("world_size") != world:
         raise ValueError(f"resume_from_checkpoint: {folder} was written by {state.get('world_size')} ranks, "
                          f"this run has {world}; resume with the same number of ranks")
-    msd, osd = get_state_dict(unwrap(model), optimizer)
-    payload = {"model": msd, "optim": osd}
-    if ema is not None:
-        payload["ema"] = {str(i): t for i, t in enumerate(ema.shadow)}
+    payload = _dcp_payload(model, optimizer, ema)
     dcp.load(payload, checkpoint_id=os.fspath(folder / "distcp"))
     set_state_dict(unwrap(model), optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"])
     if ema is not None:

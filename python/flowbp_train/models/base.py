@@ -97,6 +97,24 @@ class FlowAdapter(ABC):
     def set_forward_module(self, module: torch.nn.Module | None) -> None:
         self._forward_module = None if module is self.transformer else module
 
+    def _init_packed(self, pipeline, pipeline_class, *, resolution: int, guidance_scale: float | None,
+                     device: str | torch.device, dtype: torch.dtype, max_sequence_length: int | None,
+                     prompt_encoder) -> None:
+        """The attributes the FLUX families share (VAE latents packed 2x2 into tokens)."""
+        self.pipeline = pipeline
+        self.pipeline_class = pipeline_class
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if not isinstance(resolution, int) or resolution % (2 * self.vae_scale_factor):
+            raise ValueError(f"resolution must be a multiple of {2 * self.vae_scale_factor}, got {resolution!r}")
+        self.resolution = resolution
+        self.guidance_scale = float(self.default_guidance if guidance_scale is None else guidance_scale)
+        self.max_sequence_length = max_sequence_length or 512
+        self.prompt_encoder = prompt_encoder
+
     def enable_gradient_checkpointing(self) -> None:
         """Transformer (and VAE, when there is one) gradient checkpointing."""
         if hasattr(self.transformer, "enable_gradient_checkpointing"):

@@ -50,19 +50,9 @@ class FluxAdapter(FlowAdapter):
     def __init__(self, pipeline, *, resolution: int = 512, guidance_scale: float | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None):
-        self.pipeline = pipeline
-        self.pipeline_class = type(self).pipeline_class or _flux_pipeline_class()
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if not isinstance(resolution, int) or resolution % (2 * self.vae_scale_factor):
-            raise ValueError(f"resolution must be a multiple of {2 * self.vae_scale_factor}, got {resolution!r}")
-        self.resolution = resolution
-        self.guidance_scale = float(self.default_guidance if guidance_scale is None else guidance_scale)
-        self.max_sequence_length = max_sequence_length or 512
-        self.prompt_encoder = prompt_encoder
+        self._init_packed(pipeline, type(self).pipeline_class or _flux_pipeline_class(), resolution=resolution,
+                          guidance_scale=guidance_scale, device=device, dtype=dtype,
+                          max_sequence_length=max_sequence_length, prompt_encoder=prompt_encoder)
         self.latent_side = resolution // self.vae_scale_factor  # before 2x2 packing
         self.num_channels = self.transformer.config.in_channels // 4
         place_module(self.transformer, self.device, self.dtype)
