@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VENV=${VENV:-.venv}
-VENV_CUDA=${VENV_CUDA:-.venv-cuda}
+VENV=$(realpath -m "${VENV:-.venv}")
+VENV_CUDA=$(realpath -m "${VENV_CUDA:-.venv-cuda}")
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
 
 echo "== job (a): torch 2.13.0 CPU, all tests"
