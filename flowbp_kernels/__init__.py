@@ -16,6 +16,7 @@ from flowbp_kernels.ops import (
     euler_cache_step,
     grad_scale,
     lagrange_leap,
+    pin,
     surrogate_vjp,
 )
 from flowbp_kernels.quadrature import lagrange_weights, support_nodes
@@ -49,6 +50,7 @@ __all__ = [
     "grad_scale",
     "lagrange_leap",
     "lagrange_weights",
+    "pin",
     "reward_backprop",
     "rollout",
     "support_nodes",

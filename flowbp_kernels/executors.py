@@ -23,7 +23,7 @@ import torch
 
 from flowbp_kernels.methods import Method, Plan
 from flowbp_kernels.ops.lagrange_leap import lagrange_leap
-from flowbp_kernels.ops.surrogate_vjp import BridgeCoupling, surrogate_vjp
+from flowbp_kernels.ops.surrogate_vjp import BridgeCoupling, pin, surrogate_vjp
 from flowbp_kernels.rollout import Rollout, VelocityFn
 from flowbp_kernels.surrogate import Segment, Surrogate
 
@@ -141,6 +141,18 @@ def _segment_values(
     return base, values, [n.weight for n in act], [n.scale for n in act], target
 
 
+def _leap(anchor, nodes, weights, target, *, scales=None, base=None):
+    """A segment: the fused leap over its active nodes, or, without any, ``pin(anchor + base)``."""
+    if nodes:
+        return lagrange_leap(anchor, nodes, weights, target, scales=scales, base=base)
+    xhat = anchor if base is None else anchor + base.to(anchor.dtype)
+    if target is None:
+        return xhat, None
+    with torch.no_grad():
+        residual = (xhat.detach() - target.to(xhat.dtype)).abs().flatten(1).mean(dim=1)
+    return pin(xhat, target), residual
+
+
 def _forward_values(sur: Surrogate, ro: Rollout) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """Outputs and residuals of every segment, without gradient (values from the cache)."""
     outs, residuals = [], []
@@ -148,7 +160,7 @@ def _forward_values(sur: Surrogate, ro: Rollout) -> tuple[list[torch.Tensor], li
         for si, seg in enumerate(sur.segments):
             anchor = ro.latent(seg.start) if seg.anchor == "cached" else outs[si - 1]
             base, values, w, _, target = _segment_values(seg, anchor, ro)
-            out, res = lagrange_leap(anchor, values, w, target, base=base)
+            out, res = _leap(anchor, values, w, target, base=base)
             outs.append(out)
             residuals.append(res)
     return outs, residuals
@@ -310,7 +322,7 @@ def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder, s
                 u.register_hook(lambda g, rec=rec: rec.__setitem__("cotangent_norm", float(g.norm())))
                 nodes_info.append(rec)
                 us.append(u)
-            out, res = lagrange_leap(anchor, us, w, target, scales=scales, base=base)
+            out, res = _leap(anchor, us, w, target, scales=scales, base=base)
             outs.append(out)
             residuals.append(res)
         x_r = outs[-1]
@@ -379,7 +391,7 @@ def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder
         a_out = adj[si]
         anchor_val = ro.latent(seg.start) if seg.anchor == "cached" else outs[si - 1]
         act = sorted(seg.active_nodes, key=lambda nd: -nd.index)
-        cots = surrogate_vjp(a_out, None, [nd.weight * nd.scale for nd in act])
+        cots = surrogate_vjp(a_out, None, [nd.weight * nd.scale for nd in act]) if act else []
         prev_adj = a_out if seg.anchor == "previous" else None
         for node, cot in zip(act, cots):
             leaf = None

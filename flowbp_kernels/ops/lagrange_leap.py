@@ -128,6 +128,9 @@ def lagrange_leap(
     """
     nodes = list(nodes)
     p = len(nodes)
+    if p == 0:
+        raise ValueError("nodes must hold at least one velocity node (P >= 1), got none; a segment without "
+                         "active nodes is a pin: flowbp_kernels.ops.pin(anchor + base, target)")
     w = _as_floats("weights", weights, p)
     s = [1.0] * p if scales is None else _as_floats("scales", scales, p)
     if not isinstance(anchor, torch.Tensor) or not anchor.is_floating_point():

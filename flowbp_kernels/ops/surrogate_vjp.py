@@ -71,6 +71,8 @@ def surrogate_vjp(
     if isinstance(coefs, torch.Tensor):
         coefs = coefs.detach().to("cpu", torch.float64).reshape(-1).tolist()
     coefs = [float(c) for c in coefs]
+    if not coefs:
+        raise ValueError("coefs must hold one coefficient per active node (P >= 1), got none")
     if any(not math.isfinite(c) for c in coefs):
         raise ValueError(f"coefs must be finite, got {coefs}")
     if adjoint is not None:
@@ -109,6 +111,31 @@ def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     if float(scale) == 1.0:
         return x
     return GradScale.apply(x, float(scale))
+
+
+class Pin(torch.autograd.Function):
+    """Value ``target`` (bit-exact, in ``xhat``'s dtype), gradient the identity to ``xhat``."""
+
+    @staticmethod
+    def forward(ctx, xhat, target):
+        return target.to(xhat.dtype).clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def pin(xhat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``pin(xhat, target) = xhat + sg(target - xhat)`` with a bit-exact value: the reward scores the
+    true latent while the gradient flows to the surrogate (ALGORITHM.md section 3)."""
+    if not isinstance(xhat, torch.Tensor) or not xhat.is_floating_point():
+        raise TypeError(f"xhat must be a floating-point tensor, got {type(xhat).__name__}")
+    if not isinstance(target, torch.Tensor) or target.shape != xhat.shape:
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must have xhat's shape {tuple(xhat.shape)}, got {got}")
+    if target.device != xhat.device:
+        raise ValueError(f"target must be on {xhat.device}, got {target.device}")
+    return Pin.apply(xhat, target)
 
 
 class BridgeCoupling:
