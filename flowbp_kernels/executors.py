@@ -125,10 +125,9 @@ class _GradRecorder:
 
 
 def _segment_values(
-    seg: Segment, anchor: torch.Tensor, ro: Rollout
+    seg: Segment, ro: Rollout
 ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[float], list[float], torch.Tensor | None]:
     """Cached part (``base``), cached values, weights and scales of the active nodes, and the target."""
-    wd = ro.dtype
     base = None
     for n in seg.nodes:
         if not n.active:
@@ -137,7 +136,6 @@ def _segment_values(
     act = seg.active_nodes
     values = [ro.velocity(n.index) for n in act]
     target = ro.latent(seg.end) if seg.pin else None
-    del wd
     return base, values, [n.weight for n in act], [n.scale for n in act], target
 
 
@@ -159,7 +157,7 @@ def _forward_values(sur: Surrogate, ro: Rollout) -> tuple[list[torch.Tensor], li
     with torch.no_grad():
         for si, seg in enumerate(sur.segments):
             anchor = ro.latent(seg.start) if seg.anchor == "cached" else outs[si - 1]
-            base, values, w, _, target = _segment_values(seg, anchor, ro)
+            base, values, w, _, target = _segment_values(seg, ro)
             out, res = _leap(anchor, values, w, target, base=base)
             outs.append(out)
             residuals.append(res)
@@ -312,7 +310,7 @@ def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder, s
     with torch.enable_grad():
         for si, seg in enumerate(sur.segments):
             anchor = ro.latent(seg.start) if seg.anchor == "cached" else outs[si - 1]
-            base, values, w, scales, target = _segment_values(seg, anchor, ro)
+            base, values, w, scales, target = _segment_values(seg, ro)
             us = []
             for node, val in zip(seg.active_nodes, values):
                 with sync.next():
