@@ -70,6 +70,14 @@ def main(root):
             res[f"export_{strategy}"] = {"max_diff": float((y - y2).abs().max()),
                                          "lora_effect": float((y - y0).abs().max())}
         dist.barrier()
+    # bf16 base weights with fp32 LoRA under FSDP2: the mixed-precision policy path of wrap_model
+    t = Trainer(config(os.path.join(root, "bf16"), "fsdp2", mixed_precision="bf16", max_train_steps=2,
+                       checkpointing_steps=100), adapter=tiny_adapter("sd3", dtype=torch.bfloat16),
+                reward=PixelReward())
+    losses = t.train().losses
+    res["bf16_fsdp2"] = {"losses": losses, "lora_dtypes": sorted({str(p.dtype) for p in t.params}),
+                         "base_dtypes": sorted({str(p.dtype) for p in t.adapter.transformer.parameters()
+                                                if not p.requires_grad})}
     with open(os.path.join(root, f"rank{r}.json"), "w") as f:
         json.dump(res, f, indent=1)
     dist.destroy_process_group()

@@ -46,3 +46,9 @@ def test_export_from_two_ranks_loads_in_diffusers(results, strategy):
     rec = results[f"export_{strategy}"]
     assert rec["lora_effect"] > 1e-5  # the LoRA changed the model, so the comparison is not vacuous
     assert rec["max_diff"] <= 1e-6
+
+
+def test_fsdp2_bf16_base_with_fp32_lora(results):
+    rec = results["bf16_fsdp2"]
+    assert rec["lora_dtypes"] == ["torch.float32"] and rec["base_dtypes"] == ["torch.bfloat16"]
+    assert len(rec["losses"]) == 2 and all(v is not None and abs(v) < 1e3 for v in rec["losses"])
