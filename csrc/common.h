@@ -28,6 +28,16 @@ inline bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// Host check shared by the CPU and CUDA launchers: `t` (argument `name` of op `op`) must sit on the
+// anchor's device, with its shape and a supported dtype.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& anchor) {
+  TORCH_CHECK(t.device() == anchor.device(), op, ": ", name, " must be on ", anchor.device(), ", got ", t.device());
+  TORCH_CHECK(t.sizes() == anchor.sizes(), op, ": ", name, " must have the anchor's shape ", anchor.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", name, " must be float32/float64/float16/bfloat16, got ",
+              t.scalar_type());
+}
+
 inline int dtype_code(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return kF32;

@@ -85,14 +85,7 @@ void leap(const at::Tensor& anchor, const std::vector<at::Tensor>& nodes, c10::A
   }
 }
 
-void check_like(const char* name, const at::Tensor& t, const at::Tensor& anchor) {
-  TORCH_CHECK(t.device() == anchor.device(), "flowbp::lagrange_leap_fwd: ", name, " must be on ", anchor.device(),
-              ", got ", t.device());
-  TORCH_CHECK(t.sizes() == anchor.sizes(), "flowbp::lagrange_leap_fwd: ", name, " must have the anchor's shape ",
-              anchor.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(supported_dtype(t.scalar_type()), "flowbp::lagrange_leap_fwd: ", name,
-              " must be float32/float64/float16/bfloat16, got ", t.scalar_type());
-}
+constexpr const char* kOp = "flowbp::lagrange_leap_fwd";
 
 std::tuple<at::Tensor, at::Tensor> lagrange_leap_fwd_cpu(const at::Tensor& anchor_in, at::TensorList nodes_in,
                                                          at::ArrayRef<double> weights,
@@ -102,21 +95,21 @@ std::tuple<at::Tensor, at::Tensor> lagrange_leap_fwd_cpu(const at::Tensor& ancho
   TORCH_CHECK(anchor_in.dim() >= 1, "flowbp::lagrange_leap_fwd: anchor needs a batch dimension");
   TORCH_CHECK(nodes_in.size() == weights.size(), "flowbp::lagrange_leap_fwd: one weight per node expected, got ",
               weights.size(), " weights for ", nodes_in.size(), " nodes");
-  check_like("anchor", anchor_in, anchor_in);
+  check_like(kOp, "anchor", anchor_in, anchor_in);
   for (double w : weights) TORCH_CHECK(std::isfinite(w), "flowbp::lagrange_leap_fwd: weights must be finite");
   std::vector<at::Tensor> nodes;
   for (const auto& u : nodes_in) {
-    check_like("nodes[m]", u, anchor_in);
+    check_like(kOp, "nodes[m]", u, anchor_in);
     nodes.push_back(u.contiguous());
   }
   at::Tensor anchor = anchor_in.contiguous();
   at::Tensor target, base;
   if (target_in) {
-    check_like("target", *target_in, anchor_in);
+    check_like(kOp, "target", *target_in, anchor_in);
     target = target_in->contiguous();
   }
   if (base_in) {
-    check_like("base", *base_in, anchor_in);
+    check_like(kOp, "base", *base_in, anchor_in);
     base = base_in->contiguous();
   }
   const auto wd = working_dtype(anchor.scalar_type());
