@@ -10,6 +10,7 @@ errors naming the key, exit status 2) and trains; ``--dry-run`` prints the resol
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -38,7 +39,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from flowbp_train.trainer import train
 
     result = train(cfg)
-    print(f"flowbp-train: {result.global_step} steps done; outputs in {result.output_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: rank 0 speaks
+        print(f"flowbp-train: {result.global_step} steps done; outputs in {result.output_dir}")
     return 0
 
 
