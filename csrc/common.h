@@ -7,8 +7,10 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 
 namespace flowbp {
@@ -36,6 +38,34 @@ inline void check_like(const char* op, const char* name, const at::Tensor& t, co
               ", got ", t.sizes());
   TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", name, " must be float32/float64/float16/bfloat16, got ",
               t.scalar_type());
+}
+
+// Device-independent argument checks of flowbp::euler_cache_step (each launcher checks its device).
+inline void check_euler_cache_step_args(const at::Tensor& x, const at::Tensor& v, double h, int64_t fmt,
+                                        at::ScalarType latent_dtype, bool write_data) {
+  TORCH_CHECK(x.sizes() == v.sizes(), "flowbp::euler_cache_step: v must have the shape of x ", x.sizes(), ", got ",
+              v.sizes());
+  TORCH_CHECK(supported_dtype(x.scalar_type()) && supported_dtype(v.scalar_type()) && supported_dtype(latent_dtype),
+              "flowbp::euler_cache_step: x, v and latent_dtype must be float32/float64/float16/bfloat16");
+  TORCH_CHECK(fmt == kFormatFp32 || fmt == kFormatBf16 || fmt == kFormatFp8,
+              "flowbp::euler_cache_step: velocity_format must be 0 (fp32), 1 (bf16) or 2 (fp8), got ", fmt);
+  TORCH_CHECK(fmt != kFormatFp8 || x.dim() >= 1, "flowbp::euler_cache_step: fp8 needs at least one dimension");
+  TORCH_CHECK(std::isfinite(h), "flowbp::euler_cache_step: h must be finite");
+  TORCH_CHECK(write_data || fmt == kFormatFp32, "flowbp::euler_cache_step: write_data=False needs format 0 (fp32)");
+}
+
+// Device-independent argument checks of flowbp::surrogate_vjp (each launcher checks its device).
+inline void check_surrogate_vjp_args(const at::Tensor& up, const std::optional<at::Tensor>& adj,
+                                     at::ArrayRef<double> coefs, at::ScalarType out_dtype) {
+  TORCH_CHECK(supported_dtype(up.scalar_type()) && supported_dtype(out_dtype),
+              "flowbp::surrogate_vjp: upstream and out_dtype must be float32/float64/float16/bfloat16");
+  for (double c : coefs) TORCH_CHECK(std::isfinite(c), "flowbp::surrogate_vjp: coefs must be finite");
+  if (adj) {
+    TORCH_CHECK(adj->device() == up.device(), "flowbp::surrogate_vjp: adjoint must be on ", up.device());
+    TORCH_CHECK(adj->sizes() == up.sizes(), "flowbp::surrogate_vjp: adjoint must have the upstream's shape ",
+                up.sizes(), ", got ", adj->sizes());
+    TORCH_CHECK(supported_dtype(adj->scalar_type()), "flowbp::surrogate_vjp: unsupported adjoint dtype");
+  }
 }
 
 inline int dtype_code(at::ScalarType t) {

@@ -90,16 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cpu(
                                                                                 at::ScalarType latent_dtype,
                                                                                 bool write_cached, bool write_data) {
   TORCH_CHECK(x_in.device().is_cpu() && v_in.device().is_cpu(), "flowbp::euler_cache_step: x and v must be on CPU");
-  TORCH_CHECK(x_in.sizes() == v_in.sizes(), "flowbp::euler_cache_step: v must have the shape of x ", x_in.sizes(),
-              ", got ", v_in.sizes());
-  TORCH_CHECK(supported_dtype(x_in.scalar_type()) && supported_dtype(v_in.scalar_type()) &&
-                  supported_dtype(latent_dtype),
-              "flowbp::euler_cache_step: x, v and latent_dtype must be float32/float64/float16/bfloat16");
-  TORCH_CHECK(fmt == kFormatFp32 || fmt == kFormatBf16 || fmt == kFormatFp8,
-              "flowbp::euler_cache_step: velocity_format must be 0 (fp32), 1 (bf16) or 2 (fp8), got ", fmt);
-  TORCH_CHECK(fmt != kFormatFp8 || x_in.dim() >= 1, "flowbp::euler_cache_step: fp8 needs at least one dimension");
-  TORCH_CHECK(std::isfinite(h), "flowbp::euler_cache_step: h must be finite");
-  TORCH_CHECK(write_data || fmt == kFormatFp32, "flowbp::euler_cache_step: write_data=False needs format 0 (fp32)");
+  check_euler_cache_step_args(x_in, v_in, h, fmt, latent_dtype, write_data);
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const auto wd = working_dtype(x.scalar_type());
   at::Tensor x_next = at::empty(x.sizes(), x.options().dtype(wd));

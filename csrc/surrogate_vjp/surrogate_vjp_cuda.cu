@@ -31,17 +31,11 @@ __global__ void vjp_kernel(const void* __restrict__ up, int uc, const void* __re
 at::Tensor surrogate_vjp_cuda(const at::Tensor& up_in, const std::optional<at::Tensor>& adj_in,
                               at::ArrayRef<double> coefs, at::ScalarType out_dtype) {
   TORCH_CHECK(up_in.is_cuda(), "flowbp::surrogate_vjp: upstream must be a CUDA tensor");
-  TORCH_CHECK(supported_dtype(up_in.scalar_type()) && supported_dtype(out_dtype),
-              "flowbp::surrogate_vjp: upstream and out_dtype must be float32/float64/float16/bfloat16");
-  for (double c : coefs) TORCH_CHECK(std::isfinite(c), "flowbp::surrogate_vjp: coefs must be finite");
+  check_surrogate_vjp_args(up_in, adj_in, coefs, out_dtype);
   const c10::cuda::CUDAGuard guard(up_in.device());
   at::Tensor up = up_in.contiguous(), adj;
   bool wide = up.scalar_type() == at::kDouble;
   if (adj_in) {
-    TORCH_CHECK(adj_in->device() == up_in.device(), "flowbp::surrogate_vjp: adjoint must be on ", up_in.device());
-    TORCH_CHECK(adj_in->sizes() == up_in.sizes(), "flowbp::surrogate_vjp: adjoint must have the upstream's shape ",
-                up_in.sizes(), ", got ", adj_in->sizes());
-    TORCH_CHECK(supported_dtype(adj_in->scalar_type()), "flowbp::surrogate_vjp: unsupported adjoint dtype");
     adj = adj_in->contiguous();
     wide = wide || adj.scalar_type() == at::kDouble;
   }
