@@ -4,7 +4,10 @@
 reference code does; memory grows with the number of active nodes). ``streaming`` first takes
 ``g = dL/dx~`` by one backward through the reward, then visits the active nodes from the data end back
 to the noise end, one model graph at a time, with cotangent ``c_m = w_m rho_m (g + bridge adjoint)``
-(shared/design/ALGORITHM.md section 5). Both give the same gradient up to summation order.
+(shared/design/ALGORITHM.md section 5). Both give the same gradient up to summation order. Every value
+that can be non-finite is checked before the first backward into the parameters (so a
+NonFiniteLossError leaves ``.grad`` untouched); for DRaFT-LV this means the re-noised copies' graphs
+are built together before their backwards.
 
 Forward values come from the cache: a re-forwarded node contributes its gradient, while its value in
 the surrogate (and so every residual d and similarity weight) is the cached velocity, which it equals
@@ -254,18 +257,32 @@ def reward_backprop(
         raise TypeError(f"method must be a Method from get_method(), got {type(method).__name__}")
     if not isinstance(rollout, Rollout):
         raise TypeError(f"rollout must be a Rollout from rollout(), got {type(rollout).__name__}")
+    if not callable(velocity_fn):
+        raise TypeError(f"velocity_fn must be callable as velocity_fn(x, i), got {type(velocity_fn).__name__}")
+    if not callable(reward_fn):
+        raise TypeError(f"reward_fn must be callable as reward_fn(x) -> [B], got {type(reward_fn).__name__}")
+    if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)):
+        raise TypeError(f"loss_scale must be a number, got {type(loss_scale).__name__}")
     if not math.isfinite(float(loss_scale)):
         raise ValueError(f"loss_scale must be finite, got {loss_scale}")
+    if rollout.sample.shape[0] == 0:
+        raise ValueError("rollout: the batch is empty (batch size 0)")
     loss_of = _loss_fn(loss)
     n = rollout.num_steps
     if plan is None:
         plan = method.plan(n, generator)
-    elif plan.num_steps != n:
-        raise ValueError(f"plan is for {plan.num_steps} steps, the rollout has {n}")
+    else:
+        method.check_plan(plan, n)
     sur = method.surrogate(plan, rollout.sigmas)
     if params is None and isinstance(velocity_fn, torch.nn.Module):
         params = [p for p in velocity_fn.parameters() if p.requires_grad]
-    params = list(params) if params is not None else None
+    if params is not None:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors (e.g. a list), got one tensor")
+        params = list(params)
+        bad = [type(p).__name__ for p in params if not isinstance(p, torch.Tensor)]
+        if bad:
+            raise TypeError(f"params must hold tensors, got {bad[0]}")
     run = _retain if executor == "retain" else _streaming
     recorder = _GradRecorder(keep_node_grads and executor == "streaming")
     sync = _SyncSchedule(no_sync, sur.num_reforwards)
@@ -293,6 +310,11 @@ class _SyncSchedule:
         if self.no_sync is None or self.left <= 0:
             return nullcontext()
         return self.no_sync()
+
+    def again(self, ctx: AbstractContextManager) -> AbstractContextManager:
+        """A fresh context of the same kind as ``ctx`` (one from :meth:`next`), for a backward that runs
+        after its forward's context was left (no_sync contexts are not re-entrant)."""
+        return nullcontext() if isinstance(ctx, nullcontext) else self.no_sync()
 
 
 def _finish_loss(terms, loss_of, scale, sync):
@@ -367,19 +389,36 @@ def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder
         (g,) = torch.autograd.grad(main, x_r)
     total = main.detach()
 
-    # 2. DRaFT-LV copies: independent reward terms, one graph at a time
-    copies = []
+    # 2. DRaFT-LV copies: independent reward terms. Every copy's graph is built and its loss checked
+    # before the first backward into the parameters, so a non-finite copy leaves .grad untouched (the
+    # NonFiniteLossError promise); the backwards then run in the same order as the copies, which keeps
+    # the gradient's accumulation order. The price: the copies' graphs (num_noised) live together.
+    copies, pending = [], []
     for xc in _renoised_inputs(sur, ro):
         m = sur.renoise_index
-        with torch.enable_grad(), sync.next():
+        ctx = sync.next()
+        with torch.enable_grad(), ctx:
             v = velocity_fn(xc.to(ro.cache.latent_dtype), m)
             rc = _check_reward(reward_fn(xc + (float(ro.sigmas[-1]) - float(ro.sigmas[m])) * v.to(xc.dtype)), batch)
-            lc = _finish_loss([(rc, weight)], loss_of, scale / n_terms, sync)
-            rec = {"index": m, "segment": None, "input": "renoised", "cotangent_norm": None}
+            lc = loss_of(rc, weight) * (scale / n_terms)
+        pending.append((lc, ctx))
+        copies.append(rc.detach())
+    # one check of everything the parameter backwards will use: the reward's input gradient g (a finite
+    # loss can still have a non-finite gradient) and every copy's loss
+    bad = None if bool(torch.isfinite(g).all()) else "the reward's gradient"
+    for lc, _ in pending:
+        if bad is None and not bool(torch.isfinite(lc.detach())):
+            bad = f"the loss of a re-noised copy ({float(lc.detach())})"
+    ok = bad is None if sync.all_finite is None else sync.all_finite(bad is None)
+    if not ok:
+        raise NonFiniteLossError(f"non-finite value: {bad or 'on another rank'}; no gradient was accumulated")
+    for lc, ctx in pending:
+        rec = {"index": sur.renoise_index, "segment": None, "input": "renoised", "cotangent_norm": None}
+        with torch.enable_grad(), sync.again(ctx):
             run_node(lc, torch.ones_like(lc), None, rec)
         nodes_info.append(rec)
-        copies.append(rc.detach())
         total = total + lc.detach()
+    del pending
 
     # 3. the adjoint sweep, data end to noise end
     adj: list[torch.Tensor | None] = [None] * len(sur.segments)

@@ -54,6 +54,23 @@ EXPLICIT = {
     "flowbp-lagrange": ("k", "j"),
 }
 _INT_OPTIONS = {"last_n", "num_active", "num_noised", "order", "max_active_supports", "max_j_rev"}
+#: Upper bounds of the options (input checks only; every default lies well inside). Step counts and
+#: indices: a schedule of more than 1000 steps is finer than the 1000 training timesteps the flow models
+#: were trained on, so no window needs more.
+MAX_STEP_OPTION = 1000
+#: DRaFT-LV re-noised copies: each costs one model forward and backward per step (the paper uses 2).
+MAX_NUM_NOISED = 16
+#: Lagrange order: higher-order interpolation on sigma nodes oscillates (Runge), the authors use 3.
+MAX_ORDER = 8
+#: Late-bias exponent: p ∝ (offset + 1)^beta over at most 1000 candidates stays finite in float64 up to
+#: beta ~ 100; at 32 the last candidate is already drawn almost surely in any window of a few steps.
+MAX_LATE_BIAS = 32.0
+#: Dirichlet concentrations: beyond 1000 the split is deterministic to well under one slot.
+MAX_DIRICHLET = 1000.0
+#: Options that interpolate between two behaviours and are meaningful only in [0, 1]: the bridge
+#: coupling alpha (gradient share through the bridge input), the sigma-span compensation g (0: none,
+#: 1: full) and the support nodes' gradient scale.
+_UNIT_OPTIONS = {"alpha", "grad_rescale", "support_scale"}
 #: Bridge needs a pre- and a post-segment plus room to sample j (reference ``min_window``).
 BRIDGE_MIN_WINDOW = 3
 
@@ -207,7 +224,11 @@ class Method:
             act = explicit["active"]
             if isinstance(act, torch.Tensor):
                 act = act.tolist()
-            act = [int(a) for a in act]
+            if isinstance(act, (str, bytes)) or not hasattr(act, "__iter__"):
+                raise ValueError(f"active must be a list of step indices, got {act!r}")
+            act = list(act)
+            if any(isinstance(a, bool) or not isinstance(a, int) for a in act):
+                raise ValueError(f"active must hold integer step indices, got {act}")
             if not act or len(set(act)) != len(act):
                 raise ValueError(f"active must be a non-empty list of distinct indices, got {act}")
             bad = [a for a in act if not s <= a < n]
@@ -325,6 +346,53 @@ class Method:
         post = _late_biased(gen, range(j + 1, n), k_post - 1, o["late_bias"])
         return tuple(sorted([*pre, j, *post]))
 
+    def check_plan(self, plan: Plan, num_steps: int | None = None) -> Plan:
+        """Validate a plan built by hand like :meth:`plan` validates its arguments: the method, the number
+        of steps and window, integer fields in range, and the choices the method derives from them
+        (re-derived from the plan's explicit arguments and compared). Raises ValueError naming the field."""
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a Plan from Method.plan(), got {type(plan).__name__}")
+        if plan.method != self.name:
+            raise ValueError(f"plan.method: the plan is for {plan.method!r}, not {self.name!r}")
+        for key in ("num_steps", "window_start", "k", "j", "tau", "stop", "noise_seed"):
+            val = getattr(plan, key)
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int)):
+                raise ValueError(f"plan.{key} must be an integer, got {val!r}")
+        n = plan.num_steps
+        if n is None or n < 1:
+            raise ValueError(f"plan.num_steps: expected an integer >= 1, got {n!r}")
+        if num_steps is not None and n != num_steps:
+            raise ValueError(f"plan.num_steps: plan is for {n} steps, the rollout has {num_steps}")
+        if plan.window_start != self.window_start(n):
+            raise ValueError(f"plan.window_start: expected {self.window_start(n)} for num_steps={n} and "
+                             f"tail_ratio={self.options['tail_ratio']}, got {plan.window_start!r}")
+        if not isinstance(plan.active, tuple):
+            raise ValueError(f"plan.active must be a tuple of step indices, got {type(plan.active).__name__}")
+        if self.name == "draft-lv":
+            if plan.noise_seed is None or not 0 <= plan.noise_seed < 2**63:
+                raise ValueError(f"plan.noise_seed: expected an integer in [0, 2**63), got {plan.noise_seed!r}")
+            if plan.active != (n - 1,):
+                raise ValueError(f"plan.active: draft-lv re-forwards the last step only, expected {(n - 1,)}, "
+                                 f"got {plan.active}")
+            return plan
+        explicit = {k: getattr(plan, k) for k in EXPLICIT[self.name]}
+        if "active" in explicit:
+            explicit["active"] = list(plan.active)
+        try:
+            want = self.plan(n, None, **explicit) if not self._needs_random(
+                {k: v for k, v in explicit.items() if v is not None}) else None
+        except ValueError as exc:
+            raise ValueError(f"plan: {exc}") from None
+        if want is None:
+            missing = [k for k in EXPLICIT[self.name]
+                       if getattr(plan, k) is None or (k == "active" and not plan.active)]
+            raise ValueError(f"plan: a {self.name} plan needs {', '.join(missing)}")
+        for key in ("active", "k", "j", "tau", "stop"):
+            if getattr(plan, key) != getattr(want, key):
+                raise ValueError(f"plan.{key}: {self.name} derives {getattr(want, key)!r} from the plan's "
+                                 f"{', '.join(EXPLICIT[self.name])}, got {getattr(plan, key)!r}")
+        return plan
+
     # ------------------------------------------------------------------ surrogates
     def surrogate(self, plan: Plan, sigmas: torch.Tensor) -> Surrogate:
         """The backward surrogate of ``plan`` on the schedule ``sigmas`` (``[N + 1]``)."""
@@ -430,25 +498,36 @@ def get_method(name: str, **options) -> Method:
     return Method(name, opts)
 
 
+def _is_number(val) -> bool:
+    return not isinstance(val, bool) and isinstance(val, (int, float))
+
+
 def _check_option(method: str, key: str, val):
     if key == "dirichlet":
-        vals = tuple(float(x) for x in val)
-        if len(vals) != 3 or any(not (math.isfinite(x) and x > 0) for x in vals):
-            raise ValueError(f"{method}: dirichlet must be three positive numbers, got {val!r}")
-        return vals
+        if isinstance(val, (str, bytes)) or not isinstance(val, (list, tuple)) or len(val) != 3 or not all(
+                _is_number(x) and math.isfinite(x) and 0 < x <= MAX_DIRICHLET for x in val):
+            raise ValueError(f"{method}: dirichlet must be a list of three numbers in (0, {MAX_DIRICHLET:g}], "
+                             f"got {val!r}")
+        return tuple(float(x) for x in val)
     if key == "max_j_rev" and val is None:
         return None
     if key in _INT_OPTIONS:
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{method}: {key} must be an integer >= 1, got {val!r}")
+        hi = {"num_noised": MAX_NUM_NOISED, "order": MAX_ORDER, "max_active_supports": MAX_ORDER + 1}.get(
+            key, MAX_STEP_OPTION)
+        if isinstance(val, bool) or not isinstance(val, int) or not 1 <= val <= hi:
+            raise ValueError(f"{method}: {key} must be an integer in [1, {hi}], got {val!r}")
         return val
-    if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val):
+    if not _is_number(val) or not math.isfinite(val):
         raise ValueError(f"{method}: {key} must be a finite number, got {val!r}")
     val = float(val)
-    if key == "tail_ratio" and not 0 < val <= 1:
-        raise ValueError(f"{method}: tail_ratio must be in (0, 1], got {val}")
-    if key == "early_stop_ratio" and not 0 < val <= 1:
-        raise ValueError(f"{method}: early_stop_ratio must be in (0, 1], got {val}")
+    if key in ("tail_ratio", "early_stop_ratio") and not 0 < val <= 1:
+        raise ValueError(f"{method}: {key} must be in (0, 1], got {val}")
+    if key in _UNIT_OPTIONS and not 0 <= val <= 1:
+        raise ValueError(f"{method}: {key} must be in [0, 1], got {val}")
+    if key == "late_bias" and not 0 <= val <= MAX_LATE_BIAS:
+        raise ValueError(f"{method}: late_bias must be in [0, {MAX_LATE_BIAS:g}], got {val}")
+    if key == "tau" and not val > 0:
+        raise ValueError(f"{method}: tau must be > 0 (the similarity weight's floor), got {val}")
     if val < 0:
         raise ValueError(f"{method}: {key} must be >= 0, got {val}")
     return val

@@ -87,11 +87,24 @@ def rollout(
             ``x_init.dtype``.
         progress: show a tqdm bar (when tqdm is installed).
     """
+    if not callable(velocity_fn):
+        raise TypeError(f"velocity_fn must be callable as velocity_fn(x, i), got {type(velocity_fn).__name__}")
     if not isinstance(x_init, torch.Tensor) or not x_init.is_floating_point():
-        raise TypeError("x_init must be a floating-point tensor")
+        got = x_init.dtype if isinstance(x_init, torch.Tensor) else type(x_init).__name__
+        raise TypeError(f"x_init must be a floating-point tensor, got {got}")
     if x_init.dim() < 2:
         raise ValueError(f"x_init must be [B, ...] with a batch dimension, got shape {tuple(x_init.shape)}")
-    sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+    if x_init.shape[0] == 0 or x_init.numel() == 0:
+        raise ValueError(f"x_init must hold at least one sample, got shape {tuple(x_init.shape)}")
+    if not bool(torch.isfinite(x_init).all()):
+        raise ValueError("x_init holds non-finite values (NaN or inf); check the noise and its dtype")
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a tensor (from flow_sigmas), got {type(sigmas).__name__}")
+    if latent_dtype is not None and (not isinstance(latent_dtype, torch.dtype) or not latent_dtype.is_floating_point):
+        raise TypeError(f"latent_dtype must be a floating torch.dtype or None, got {latent_dtype!r}")
+    sigmas = sigmas.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(sigmas).all()):
+        raise ValueError("sigmas holds non-finite values")
     if sigmas.dim() != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be 1-d with N + 1 >= 2 entries, got shape {tuple(sigmas.shape)}")
     if not torch.all(sigmas[1:] < sigmas[:-1]):

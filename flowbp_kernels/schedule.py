@@ -42,6 +42,19 @@ def flux2_mu(image_seq_len: int, num_steps: int) -> float:
     return float(a * num_steps + m_200 - 200.0 * a)
 
 
+#: Input checks only: more steps than this is no sampling schedule (the models know 1000 timesteps), and the
+#: bound keeps a typo from allocating gigabytes.
+MAX_SCHEDULE_STEPS = 1_000_000
+#: |mu| beyond this makes e^mu overflow-prone and every sigma 0 or 1 in float64.
+MAX_ABS_MU = 50.0
+
+
+def _number(name: str, val) -> float:
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(val).__name__}")
+    return float(val)
+
+
 def flow_sigmas(num_steps: int, *, shift: float | None = None, mu: float | None = None) -> torch.Tensor:
     """The ``num_steps + 1`` sigmas ``s_0 = 1 > s_1 > ... > s_N = 0`` (float64, CPU).
 
@@ -51,18 +64,20 @@ def flow_sigmas(num_steps: int, *, shift: float | None = None, mu: float | None 
         mu: dynamic (exponential) shift, e.g. ``flux_mu(seq_len)`` or ``flux2_mu(seq_len, N)``.
     With neither, the grid is unshifted.
     """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_SCHEDULE_STEPS:
+        raise ValueError(f"num_steps must be an integer in [1, {MAX_SCHEDULE_STEPS}], got {num_steps!r}")
     if shift is not None and mu is not None:
         raise ValueError("pass either shift or mu, not both")
     t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
     if shift is not None:
+        shift = _number("shift", shift)
         if not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a finite number > 0, got {shift}")
         sig = shift * t / (1 + (shift - 1) * t)
     elif mu is not None:
-        if not math.isfinite(mu):
-            raise ValueError(f"mu must be finite, got {mu}")
+        mu = _number("mu", mu)
+        if not (math.isfinite(mu) and abs(mu) <= MAX_ABS_MU):
+            raise ValueError(f"mu must be a finite number in [-{MAX_ABS_MU:g}, {MAX_ABS_MU:g}], got {mu}")
         sig = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
     else:
         sig = t

@@ -1,4 +1,5 @@
-"""Shared fixture of the engine tests: a tiny float64 model, its rollout and a reward."""
+"""Shared fixtures: the test process's thread count (tests/_tolerance.py), and for the engine tests a tiny
+float64 model, its rollout and a reward."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from _engine import TinyReward, TinyVelocity  # noqa: E402
+from _tolerance import TEST_THREADS  # noqa: E402
 
 import flowbp_kernels as fb  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _test_threads():
+    # after collection, so modules that call torch.set_num_threads at import do not decide it
+    torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture

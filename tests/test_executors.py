@@ -167,6 +167,7 @@ def test_streaming_equals_retain_equals_authors(setup, name):
         assert rel_err(g_str, g_ret) < TOL, plan
         assert rel_err(g_str, g_ref) < TOL, plan
         torch.testing.assert_close(o_str.loss, o_ret.loss, rtol=1e-12, atol=0)
+        # bit-exact: both executors compute the weight from the same cached values by the same code
         torch.testing.assert_close(o_str.weight, o_ret.weight, rtol=0, atol=0)
 
 
@@ -204,7 +205,7 @@ def test_pinned_reward_sees_exactly_the_sample(setup, name, executor):
     R = TinyReward()
     plan = fb.get_method(name).plan(ro.num_steps, torch.Generator().manual_seed(7))
     out = fb.reward_backprop(fb.get_method(name), net, ro, R, plan=plan, executor=executor)
-    assert torch.equal(R.calls[0], ro.sample)
+    assert torch.equal(R.calls[0], ro.sample)  # bit-exact: the pin passes the sample's value through
     torch.testing.assert_close(out.reward, R(ro.sample), rtol=0, atol=0)
 
 

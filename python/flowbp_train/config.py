@@ -19,6 +19,48 @@ from pathlib import Path
 from typing import Any
 
 FAMILIES = ("flux1", "sd3", "flux2", "mini")
+#: The image side must be a multiple of the VAE's downsampling times the transformer's patch size (the
+#: latent is cut into patch x patch tokens): FLUX.1 8 x 2 (2x2 packing), SD3.5 8 x 2 (patch 2), FLUX.2
+#: 8 x 2 (2x2 patchify), from the released models' configs; checked here without loading a model.
+RESOLUTION_FACTOR = {"flux1": 8 * 2, "sd3": 8 * 2, "flux2": 8 * 2}
+#: Families that generate one size only (the miniature works in 16x16 pixel space).
+FIXED_RESOLUTION = {"mini": 16}
+#: Registered families without an entry above: the common factor of the diffusers pipelines.
+DEFAULT_RESOLUTION_FACTOR = 16
+# Upper bounds (named so that a typo fails before hours of loading, each with its reason):
+#: 4096 px: 16x the area of FLUX.1's 1024 px training resolution; beyond it no supported model works.
+MAX_RESOLUTION = 4096
+#: Rollout and sample steps: the flow models are trained on 1000 timesteps; a finer grid adds nothing but
+#: cached latents and model calls.
+MAX_NUM_STEPS = 1000
+MAX_SAMPLE_STEPS = 1000
+#: LoRA rank: above 1024 the update is no longer low-rank for the 1536-3072-wide projections of the
+#: supported transformers; train with rank=0 (full fine-tuning) instead.
+MAX_LORA_RANK = 1024
+#: lora_alpha / rank scales the update; above 4096 it is a learning-rate multiplier in disguise.
+MAX_LORA_ALPHA = 4096.0
+#: Seeds: numpy's range; the trainer adds 1000 x rank + 1, which stays far below torch's 2**64 limit.
+MAX_SEED = 2**32 - 1
+#: AdamW moves a weight by about the learning rate per step; above 1 every weight of order 1 is lost.
+MAX_LEARNING_RATE = 1.0
+MAX_TRAIN_STEPS = 10_000_000
+#: Per-rank batch and accumulation: beyond 4096 samples a step no card holds the activations.
+MAX_BATCH = 4096
+MAX_SAMPLE_IMAGES = 1000
+#: Text tokens: T5 is used with 512 at most by the supported pipelines.
+MAX_SEQUENCE_LENGTH = 4096
+#: Classifier-free guidance: the models are used at 1-10; above 100 the samples saturate.
+MAX_GUIDANCE = 100.0
+#: A prompt file of a million prompts of 60 characters.
+MAX_PROMPTS_BYTES = 64 << 20
+#: Keys whose change makes a checkpoint's tensors mean something else (or makes them unusable): the base
+#: model, the method, the trainable parameters (LoRA rank, alpha, targets or full fine-tuning), the EMA
+#: state, and the seeds (the random streams continue from the checkpoint, so a new seed would be silently
+#: ignored). Resuming with any of them changed is refused unless ``resume_allow_changes=true``; every other
+#: key may change and is applied (and logged). The number of ranks and the shard layout are checked from
+#: the checkpoint itself.
+RESUME_FIXED_KEYS = ("family", "pretrained_model_name_or_path", "revision", "method", "rank", "lora_alpha",
+                     "lora_target_modules", "use_ema", "seed", "sampler_seed")
 #: The family's guidance when ``guidance_scale`` is left at None (REFERENCE.md section 1.5).
 DEFAULT_GUIDANCE = {"flux1": 4.0, "sd3": 3.5, "flux2": 4.0, "mini": 1.0}
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -106,6 +148,7 @@ class TrainConfig:
     checkpointing_steps: int = 100
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    resume_allow_changes: bool = False  # resume even if a key of RESUME_FIXED_KEYS changed
     report_to: str = "tensorboard"
     logging_dir: str = "logs"
     tracker_project_name: str = "flowbp"
@@ -175,19 +218,39 @@ def _coerce(key: str, value, tp):
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """``key=value`` with the value parsed as YAML (``rank=0``, ``method_options={alpha: 0.2}``)."""
-    import yaml
+def _is_str_field(tp) -> bool:
+    """``str`` or ``str | None``: values taken verbatim from the command line."""
+    if tp is str:
+        return True
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    return bool(args) and all(a in (str, type(None)) for a in args)
 
-    if "=" not in item:
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value``, read by the key's type: a ``str`` key takes the text verbatim (``mixed_precision=no``
+    is ``"no"``; one pair of surrounding quotes is removed; ``null``, ``~`` or nothing is None where the
+    key accepts None); any other key parses the text as YAML 1.2 (``learning_rate=1e-5`` is a float,
+    ``use_ema=true`` a bool, ``method_options={alpha: 0.2}`` a dict; yes/no/on/off are strings)."""
+    from flowbp_train import yamlsafe
+
+    if not isinstance(item, str) or "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value")
     key, raw = item.split("=", 1)
     key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: expected key=value, got an empty key")
+    tp = _HINTS.get(key)
+    text = raw.strip()
+    if tp is not None and _is_str_field(tp):
+        if type(None) in typing.get_args(tp) and text in ("", "null", "Null", "NULL", "~"):
+            return key, None
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1]
+        return key, text
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: cannot parse value {raw!r} ({str(exc).splitlines()[0]})") from None
-    return key, value
+        return key, yamlsafe.loads(raw) if text != "" else None
+    except yamlsafe.YamlError as exc:
+        raise ConfigError(f"{key}: cannot read the value {raw!r}: {exc}") from None
 
 
 def from_dict(values: dict, *, check: bool = True) -> TrainConfig:
@@ -221,17 +284,16 @@ def from_dict(values: dict, *, check: bool = True) -> TrainConfig:
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
                 *, check: bool = True) -> TrainConfig:
     """Read a YAML recipe (optional) and apply overrides (``["key=value", ...]`` or a dict)."""
-    import yaml
+    from flowbp_train import yamlsafe
 
     values: dict[str, Any] = {}
     if recipe is not None:
         path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe: file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+            loaded = yamlsafe.loads(yamlsafe.read_text(path, max_bytes=yamlsafe.MAX_RECIPE_BYTES)) or {}
+        except yamlsafe.YamlError as exc:
+            msg = str(exc)
+            raise ConfigError(f"recipe: {msg if str(path) in msg else f'{path}: {msg}'}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe: {path} must hold a mapping of keys to values")
         values.update(loaded)
@@ -257,10 +319,16 @@ def load_prompts(spec) -> list[str]:
             raise ConfigError("prompts: an inline list must hold only strings")
         return [p.strip() for p in spec if p.strip()]
     if isinstance(spec, str):
+        from flowbp_train import yamlsafe
+
         path = Path(spec)
         if not path.is_file():
             raise ConfigError(f"prompts: expected 'demo', a list or a text file; file not found: {spec}")
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = yamlsafe.read_text(path, max_bytes=MAX_PROMPTS_BYTES)
+        except yamlsafe.YamlError as exc:
+            raise ConfigError(f"prompts: {exc}") from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
     raise ConfigError(f"prompts: expected 'demo', a list of strings or a text file path, got {type(spec).__name__}")
 
 
@@ -288,13 +356,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
           f"distributed_strategy: expected ddp, fsdp2 or none, got {cfg.distributed_strategy!r}")
     _need(cfg.velocity_cache in ("fp32", "bf16", "fp8"),
           f"velocity_cache: expected fp32, bf16 or fp8, got {cfg.velocity_cache!r}")
-    _need(cfg.num_steps >= 1, f"num_steps: expected an integer >= 1, got {cfg.num_steps}")
-    _need(cfg.resolution >= 16 and cfg.resolution % 16 == 0,
-          f"resolution: expected a multiple of 16 >= 16, got {cfg.resolution}")
+    _need(1 <= cfg.num_steps <= MAX_NUM_STEPS,
+          f"num_steps: expected an integer in [1, {MAX_NUM_STEPS}], got {cfg.num_steps}")
+    _check_resolution(cfg)
+    bad_opts = [k for k in cfg.method_options if not isinstance(k, str)]
+    _need(not bad_opts, f"method_options: option names must be strings, got {bad_opts[:1]}")
     try:
         method = get_method(cfg.method, **cfg.method_options)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"method_options: {exc}") from None
+        raise ConfigError(f"method_options{_option_key(str(exc), cfg.method_options)}: {exc}") from None
     window = cfg.num_steps - method.window_start(cfg.num_steps)
     opts = method.options
     if "num_active" in opts and cfg.method in ("flowbp-sparse", "flowbp-bridge", "draft-k", "drtune"):
@@ -310,50 +380,175 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _need(cfg.loss in ("hinge", "neg"), f"loss: expected 'hinge' or 'neg', got {cfg.loss!r}")
     _need(math.isfinite(cfg.loss_margin), f"loss_margin: expected a finite number, got {cfg.loss_margin}")
     _need(isinstance(cfg.reward, str) and cfg.reward != "", "reward: expected a reward name, got an empty value")
+    check_reward(cfg.reward, cfg.reward_kwargs)
     prompts = cfg.prompts
     _need(isinstance(prompts, (str, list)),
           f"prompts: expected 'demo', a list of strings or a text file path, got {type(prompts).__name__}")
     _need(len(load_prompts(prompts)) > 0, f"prompts: no prompts found in {prompts!r}")
-    _need(cfg.train_batch_size >= 1, f"train_batch_size: expected an integer >= 1, got {cfg.train_batch_size}")
-    _need(cfg.gradient_accumulation_steps >= 1,
-          f"gradient_accumulation_steps: expected an integer >= 1, got {cfg.gradient_accumulation_steps}")
-    _need(cfg.rank >= 0, f"rank: expected an integer >= 0 (0 = full fine-tuning), got {cfg.rank}")
-    _need(cfg.lora_alpha is None or cfg.lora_alpha > 0, f"lora_alpha: expected a number > 0, got {cfg.lora_alpha}")
-    _need(0 <= cfg.lora_dropout < 1, f"lora_dropout: expected a number in [0, 1), got {cfg.lora_dropout}")
-    _need(cfg.lora_target_modules is None or (len(cfg.lora_target_modules) > 0 and all(
-        isinstance(m, str) for m in cfg.lora_target_modules)),
-        "lora_target_modules: expected null or a non-empty list of module names")
-    for key in ("learning_rate", "adam_epsilon"):
+    for key in ("train_batch_size", "gradient_accumulation_steps"):
         val = getattr(cfg, key)
-        _need(math.isfinite(val) and val > 0, f"{key}: expected a number > 0, got {val}")
+        _need(1 <= val <= MAX_BATCH, f"{key}: expected an integer in [1, {MAX_BATCH}], got {val}")
+    _need(0 <= cfg.rank <= MAX_LORA_RANK,
+          f"rank: expected an integer in [0, {MAX_LORA_RANK}] (0 = full fine-tuning), got {cfg.rank}")
+    _need(cfg.lora_alpha is None or (math.isfinite(cfg.lora_alpha) and 0 < cfg.lora_alpha <= MAX_LORA_ALPHA),
+          f"lora_alpha: expected null or a number in (0, {MAX_LORA_ALPHA:g}], got {cfg.lora_alpha}")
+    _need(math.isfinite(cfg.lora_dropout) and 0 <= cfg.lora_dropout < 1,
+          f"lora_dropout: expected a number in [0, 1), got {cfg.lora_dropout}")
+    _need(cfg.lora_target_modules is None or (0 < len(cfg.lora_target_modules) <= 1024 and all(
+        isinstance(m, str) and m.strip() for m in cfg.lora_target_modules)),
+        "lora_target_modules: expected null or a non-empty list of module names")
+    for key in ("seed", "sampler_seed"):
+        val = getattr(cfg, key)
+        _need(0 <= val <= MAX_SEED, f"{key}: expected an integer in [0, {MAX_SEED}], got {val}")
+    _need(math.isfinite(cfg.learning_rate) and 0 < cfg.learning_rate <= MAX_LEARNING_RATE,
+          f"learning_rate: expected a number in (0, {MAX_LEARNING_RATE:g}], got {cfg.learning_rate}")
+    _need(math.isfinite(cfg.adam_epsilon) and 0 < cfg.adam_epsilon <= 1,
+          f"adam_epsilon: expected a number in (0, 1], got {cfg.adam_epsilon}")
     for key in ("adam_beta1", "adam_beta2"):
         val = getattr(cfg, key)
         _need(0 <= val < 1, f"{key}: expected a number in [0, 1), got {val}")
     _need(math.isfinite(cfg.adam_weight_decay) and cfg.adam_weight_decay >= 0,
           f"adam_weight_decay: expected a number >= 0, got {cfg.adam_weight_decay}")
-    _need(cfg.max_grad_norm > 0, f"max_grad_norm: expected a number > 0, got {cfg.max_grad_norm}")
+    _need(math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm > 0,
+          f"max_grad_norm: expected a finite number > 0, got {cfg.max_grad_norm}")
     _need(cfg.lr_scheduler in LR_SCHEDULERS,
           f"lr_scheduler: expected one of {', '.join(LR_SCHEDULERS)}, got {cfg.lr_scheduler!r}")
-    _need(cfg.lr_warmup_steps >= 0, f"lr_warmup_steps: expected an integer >= 0, got {cfg.lr_warmup_steps}")
-    _need(cfg.max_train_steps >= 1, f"max_train_steps: expected an integer >= 1, got {cfg.max_train_steps}")
+    _need(0 <= cfg.lr_warmup_steps <= MAX_TRAIN_STEPS,
+          f"lr_warmup_steps: expected an integer in [0, {MAX_TRAIN_STEPS}], got {cfg.lr_warmup_steps}")
+    _need(1 <= cfg.max_train_steps <= MAX_TRAIN_STEPS,
+          f"max_train_steps: expected an integer in [1, {MAX_TRAIN_STEPS}], got {cfg.max_train_steps}")
     _need(0 < cfg.ema_decay < 1, f"ema_decay: expected a number in (0, 1), got {cfg.ema_decay}")
     _need(cfg.mixed_precision in ("no", "bf16"), f"mixed_precision: expected 'no' or 'bf16', got "
           f"{cfg.mixed_precision!r}")
-    _need(cfg.guidance_scale is None or (math.isfinite(cfg.guidance_scale) and cfg.guidance_scale > 0),
-          f"guidance_scale: expected null or a number > 0, got {cfg.guidance_scale}")
-    _need(cfg.max_nonfinite_steps >= 1, f"max_nonfinite_steps: expected an integer >= 1, got {cfg.max_nonfinite_steps}")
-    _need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
-          f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}")
-    _need(bool(cfg.output_dir), "output_dir: expected a folder path, got an empty value")
-    _need(cfg.checkpointing_steps >= 1, f"checkpointing_steps: expected an integer >= 1, got {cfg.checkpointing_steps}")
+    _need(cfg.guidance_scale is None or (math.isfinite(cfg.guidance_scale) and 0 < cfg.guidance_scale <= MAX_GUIDANCE),
+          f"guidance_scale: expected null or a number in (0, {MAX_GUIDANCE:g}], got {cfg.guidance_scale}")
+    _need(1 <= cfg.max_nonfinite_steps <= MAX_TRAIN_STEPS,
+          f"max_nonfinite_steps: expected an integer in [1, {MAX_TRAIN_STEPS}], got {cfg.max_nonfinite_steps}")
+    check_device(cfg.device)
+    _need(bool(cfg.output_dir.strip()), "output_dir: expected a folder path, got an empty value")
+    _need(not Path(cfg.output_dir).is_file(), f"output_dir: {cfg.output_dir} is a file, expected a folder")
+    log_dir = Path(cfg.logging_dir)
+    _need(bool(cfg.logging_dir.strip()) and not log_dir.is_absolute() and ".." not in log_dir.parts,
+          f"logging_dir: expected a folder name inside output_dir, got {cfg.logging_dir!r}")
+    _need(1 <= cfg.checkpointing_steps <= MAX_TRAIN_STEPS,
+          f"checkpointing_steps: expected an integer in [1, {MAX_TRAIN_STEPS}], got {cfg.checkpointing_steps}")
     _need(cfg.checkpoints_total_limit is None or cfg.checkpoints_total_limit >= 1,
           f"checkpoints_total_limit: expected null or an integer >= 1, got {cfg.checkpoints_total_limit}")
+    _need(cfg.resume_from_checkpoint is None or bool(cfg.resume_from_checkpoint.strip()),
+          "resume_from_checkpoint: expected null, 'latest' or a checkpoint folder, got an empty value")
     _need(cfg.report_to in REPORT_TO, f"report_to: expected one of {', '.join(REPORT_TO)}, got {cfg.report_to!r}")
-    _need(cfg.num_sample_images >= 0, f"num_sample_images: expected an integer >= 0, got {cfg.num_sample_images}")
-    _need(cfg.sample_steps >= 1, f"sample_steps: expected an integer >= 1, got {cfg.sample_steps}")
-    _need(cfg.max_sequence_length is None or cfg.max_sequence_length >= 1,
-          f"max_sequence_length: expected null or an integer >= 1, got {cfg.max_sequence_length}")
+    _need(0 <= cfg.num_sample_images <= MAX_SAMPLE_IMAGES,
+          f"num_sample_images: expected an integer in [0, {MAX_SAMPLE_IMAGES}], got {cfg.num_sample_images}")
+    _need(1 <= cfg.sample_steps <= MAX_SAMPLE_STEPS,
+          f"sample_steps: expected an integer in [1, {MAX_SAMPLE_STEPS}], got {cfg.sample_steps}")
+    _need(cfg.max_sequence_length is None or 1 <= cfg.max_sequence_length <= MAX_SEQUENCE_LENGTH,
+          f"max_sequence_length: expected null or an integer in [1, {MAX_SEQUENCE_LENGTH}], "
+          f"got {cfg.max_sequence_length}")
     return cfg
+
+
+def _option_key(msg: str, options: dict) -> str:
+    """``.name`` of the method option an engine message is about ("flowbp-sparse: late_bias must ...")."""
+    head = msg.split(":", 1)[1] if ":" in msg else msg
+    named = [k for k in options if isinstance(k, str) and (f" {k} " in f" {head} " or f"'{k}'" in head)]
+    return f".{named[0]}" if len(named) == 1 else ""
+
+
+def _check_resolution(cfg: TrainConfig) -> None:
+    """The family's resolution rule (see RESOLUTION_FACTOR), without loading the model."""
+    res, fam = cfg.resolution, cfg.family
+    if fam in FIXED_RESOLUTION:
+        _need(res == FIXED_RESOLUTION[fam], f"resolution: the {fam} family generates "
+              f"{FIXED_RESOLUTION[fam]}x{FIXED_RESOLUTION[fam]} images, got {res}")
+        return
+    factor = RESOLUTION_FACTOR.get(fam, DEFAULT_RESOLUTION_FACTOR)
+    _need(factor <= res <= MAX_RESOLUTION and res % factor == 0,
+          f"resolution: expected a multiple of {factor} (the {fam} VAE's downsampling x patch size) in "
+          f"[{factor}, {MAX_RESOLUTION}], got {res}")
+
+
+def check_device(spec: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` with that GPU present (checked without loading a model)."""
+    import re
+
+    import torch
+
+    m = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    _need(spec in ("auto", "cpu") or m is not None, f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {spec!r}")
+    if m is not None:
+        _need(torch.cuda.is_available(), f"device: {spec!r} requested but CUDA is not available (use device=cpu)")
+        index = int(m.group(1) or 0)
+        count = torch.cuda.device_count()
+        _need(index < count, f"device: {spec!r} requested but only {count} GPU(s) are visible")
+
+
+def _reward_target(name: str):
+    """What the reward registry builds for ``name`` (the class behind a lazy factory), or None."""
+    import importlib
+
+    from flowbp_train.rewards import base as rb
+
+    if name not in rb._REGISTRY:
+        try:  # modules that register themselves on import, as get_reward finds them ("mini_judge" -> mini.py)
+            for module in dict.fromkeys([name, name.split("_")[0]]):
+                if name in rb._REGISTRY or not module.isidentifier():
+                    break
+                try:
+                    importlib.import_module(f"flowbp_train.rewards.{module}")
+                except ModuleNotFoundError as e:
+                    if e.name != f"flowbp_train.rewards.{module}":
+                        raise
+        except ImportError as exc:
+            raise ConfigError(f"reward: {name!r} cannot be imported ({exc})") from None
+    if name not in rb._REGISTRY:
+        return None
+    factory = rb._REGISTRY[name]
+    target = getattr(factory, "lazy_target", None)
+    if target is not None:
+        module, cls = target
+        return getattr(importlib.import_module(f"flowbp_train.rewards.{module}"), cls)
+    return factory
+
+
+def check_reward(name: str, kwargs: dict) -> None:
+    """The reward is registered and accepts every key of ``reward_kwargs`` (by its signature)."""
+    import inspect
+
+    from flowbp_train.rewards import available_rewards
+
+    target = _reward_target(name)
+    _need(target is not None, f"reward: unknown reward {name!r}; available: {', '.join(available_rewards())}")
+    bad = [k for k in kwargs if not isinstance(k, str) or not k.isidentifier()]
+    _need(not bad, f"reward_kwargs: keys must be argument names, got {bad[0]!r}" if bad else "")
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: nothing to check against
+    params = sig.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for key in kwargs:
+        _need(key in names, f"reward_kwargs.{key}: the {name!r} reward takes no such argument; it accepts "
+              f"{', '.join(names) or 'none'}")
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind in (
+        inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and p.name not in kwargs]
+    _need(not missing, f"reward_kwargs.{missing[0]}: required by the {name!r} reward" if missing else "")
+
+
+def check_lora_targets(module, targets: list | None) -> None:
+    """Every name of ``lora_target_modules`` matches at least one module of the built transformer, by
+    peft's rule for a list (the full name, or its ending after a dot). Called right after the model is
+    built and before any other work (reward loading, LoRA injection), since only then are the names known."""
+    if not targets:
+        return
+    names = [n for n, _ in module.named_modules() if n]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            leaves = sorted({n.split(".")[-1] for n in names})
+            raise ConfigError(f"lora_target_modules: {t!r} matches no module of the {type(module).__name__} "
+                              f"(module names end in e.g. {', '.join(leaves[:8])})")
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

@@ -7,6 +7,8 @@ parameter gradients, then clip (default 1.0), step AdamW and the EMA. A non-fini
 skips the step; ``max_nonfinite_steps`` in a row stop the run. Under torchrun the transformer is
 wrapped by DDP or sharded by FSDP2 (``distributed_strategy``, see ``flowbp_train.distributed``); the
 executor's node backwards run under ``no_sync`` but the last, so gradients are reduced once per step.
+Before any model loads, a run locks its ``output_dir`` and checks the checkpoint it resumes (manifest,
+config changes: ``flowbp_train.rundir``, ``flowbp_train.checkpoint``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import random
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,8 @@ import torch
 from flowbp_kernels import NonFiniteLossError, get_method, reward_backprop, rollout
 from flowbp_train import checkpoint as ckpt
 from flowbp_train import distributed as D
-from flowbp_train.config import TrainConfig, dump_yaml, load_prompts, validate
+from flowbp_train import rundir
+from flowbp_train.config import ConfigError, TrainConfig, check_lora_targets, dump_yaml, load_prompts, validate
 from flowbp_train.models.base import FlowAdapter
 
 
@@ -132,7 +136,7 @@ class Tracker:
             return
         log_dir = out / cfg.logging_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(log_dir / "train_log.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.jsonl_path = log_dir / "train_log.jsonl"
         if cfg.report_to in ("tensorboard", "all"):
             from torch.utils.tensorboard import SummaryWriter
 
@@ -144,9 +148,19 @@ class Tracker:
                 raise ImportError("report_to: wandb is not installed (pip install wandb)") from None
             self.wandb = wandb.init(project=cfg.tracker_project_name, config=cfg.to_dict(), dir=str(out))
 
+    def start(self, step: int) -> None:
+        """Open the JSONL log at ``step`` (the resumed step, 0 for a fresh run): records of later steps,
+        from a run that went on past its last checkpoint, are dropped, so each step is logged once."""
+        if not self.enabled or self.jsonl is not None:
+            return
+        rundir.cut_log(self.jsonl_path, step)
+        self.jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115
+
     def log(self, record: dict, step: int) -> None:
         if not self.enabled:
             return
+        if self.jsonl is None:
+            self.start(step - 1)
         self.jsonl.write(json.dumps(record, default=float) + "\n")
         self.jsonl.flush()
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -196,6 +210,12 @@ class TrainResult:
         return [r["loss"] for r in self.records]
 
 
+def _release_lock(lock: rundir.OutputDirLock, held: dict) -> None:
+    if held["held"]:
+        held["held"] = False
+        lock.release()
+
+
 # ------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """Owns the adapter, reward, optimizer and state of one run. ``adapter`` / ``reward`` may be given
@@ -206,8 +226,65 @@ class Trainer:
         self.dist = dist_state(cfg)
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.is_main = self.rank == 0
-        self.device = self.dist.device if adapter is None else adapter.device
         self.out = Path(cfg.output_dir)
+        self.lock = rundir.OutputDirLock(self.out)
+        self._lock_held = {"held": False}
+        weakref.finalize(self, _release_lock, self.lock, self._lock_held)  # a Trainer dropped without close()
+        self.resume_changes: dict[str, tuple] = {}
+        try:
+            self._claim_output_dir()
+            self._resume_from = self._check_resume()  # before any model loads
+            self._setup(cfg, adapter, reward)
+        except BaseException:
+            self.close()
+            raise
+
+    def _claim_output_dir(self) -> None:
+        """Lock ``output_dir`` (rank 0; every rank fails if it is busy) and remove what a killed run left."""
+        err = None
+        if self.is_main:
+            try:
+                self.lock.acquire()
+                self._lock_held["held"] = True
+                ckpt.remove_stale_temporaries(self.out)
+            except rundir.OutputDirBusy as exc:
+                err = str(exc)
+        D.raise_if_any(err, rundir.OutputDirBusy, self.dist)
+
+    def _check_resume(self) -> tuple[Path, tuple[dict, dict]] | None:
+        """The checkpoint to resume, verified on every rank (manifest, sizes, hashes, trainer state) and
+        compared with this config, before anything heavy is built."""
+        spec = self.cfg.resume_from_checkpoint
+        err, found = None, None
+        try:
+            folder = ckpt.resolve_checkpoint(self.out, spec)
+            if folder is not None:
+                man = ckpt.read_manifest(folder)
+                names = ckpt.distributed_files(man, self.rank) if self.world_size > 1 else None
+                found = folder, ckpt.verify_checkpoint(folder, names)
+        except ckpt.CheckpointError as exc:
+            err = str(exc)
+        D.raise_if_any(err, ckpt.CheckpointError, self.dist)
+        if found is None:
+            if spec == "latest":
+                warnings.warn(f"resume_from_checkpoint=latest: no checkpoint in {self.out}; starting fresh",
+                              stacklevel=3)
+            return None
+        folder, (man, state) = found
+        strategy = self.cfg.distributed_strategy if self.world_size > 1 else "none"
+        if man["world_size"] == self.world_size and state.get("strategy", strategy) != strategy:
+            raise ConfigError(f"distributed_strategy: {folder} was written with {state.get('strategy')!r}, this "
+                              f"run uses {strategy!r}; resume with the same strategy")
+        self.resume_changes = rundir.resume_changes(state["config"], self.cfg,
+                                                    allow=self.cfg.resume_allow_changes)
+        return found
+
+    def close(self) -> None:
+        """Release the output_dir lock (``train`` does it at the end; for a Trainer driven by hand)."""
+        _release_lock(self.lock, self._lock_held)
+
+    def _setup(self, cfg: TrainConfig, adapter: FlowAdapter | None, reward) -> None:
+        self.device = self.dist.device if adapter is None else adapter.device
         self.method = get_method(cfg.method, **cfg.method_options)
         self.prompts = shard_prompts(load_prompts(cfg.prompts), self.rank, self.world_size)
         self.loss_spec = "neg" if cfg.loss == "neg" else ("hinge", cfg.loss_margin)
@@ -222,6 +299,7 @@ class Trainer:
                                     dtype=self.latent_dtype, revision=cfg.revision,
                                     max_sequence_length=cfg.max_sequence_length)
         self.adapter = adapter
+        check_lora_targets(adapter.transformer, cfg.lora_target_modules if cfg.rank else None)
         random.seed(cfg.seed)  # LoRA initialisation (and anything else on the global RNGs) per seed
         torch.manual_seed(cfg.seed)
         if reward is None:
@@ -390,7 +468,8 @@ class Trainer:
             p.data = p.data.float()
 
     def save_checkpoint(self) -> Path | None:
-        state = {"method": self.cfg.method, "nonfinite_in_a_row": self.nonfinite_in_a_row}
+        state = {"method": self.cfg.method, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                 "strategy": self.strategy, "config": json.loads(json.dumps(self.cfg.to_dict(), default=str))}
         if self.world_size > 1:  # every rank writes its shards
             return ckpt.save_checkpoint_distributed(
                 self.out, self.global_step, model=self.model, optimizer=self.optimizer,
@@ -403,30 +482,54 @@ class Trainer:
         )
 
     def resume(self) -> None:
-        folder = ckpt.resolve_checkpoint(self.out, self.cfg.resume_from_checkpoint)
-        if folder is None:
-            if self.cfg.resume_from_checkpoint == "latest":
-                warnings.warn(f"resume_from_checkpoint=latest: no checkpoint in {self.out}; starting fresh",
-                              stacklevel=2)
+        """Load the checkpoint verified at construction (if any), then apply the config's changeable
+        settings (learning rate, betas, EMA decay...) over the restored ones; changes are logged."""
+        if self._resume_from is None:
             return
-        if self.world_size > 1:
-            state = ckpt.load_checkpoint_distributed(folder, model=self.model, optimizer=self.optimizer,
-                                                     lr_scheduler=self.lr_scheduler, ema=self.ema,
-                                                     generators=self.generators)
-        else:
-            state = ckpt.load_checkpoint(folder, self._read_weights, optimizer=self.optimizer,
-                                         lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators,
-                                         map_location=self.device)
-        self.global_step = int(state["global_step"])
-        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        folder, verified = self._resume_from
+        self._resume_from = None
+        err, state = None, None
+        try:
+            if self.world_size > 1:
+                state = ckpt.load_checkpoint_distributed(folder, model=self.model, optimizer=self.optimizer,
+                                                         lr_scheduler=self.lr_scheduler, ema=self.ema,
+                                                         generators=self.generators, verified=verified)
+            else:
+                state = ckpt.load_checkpoint(folder, self._read_weights, optimizer=self.optimizer,
+                                             lr_scheduler=self.lr_scheduler, ema=self.ema,
+                                             generators=self.generators, map_location=self.device,
+                                             verified=verified)
+        except ckpt.CheckpointError as exc:
+            err = str(exc)
+        D.raise_if_any(err, ckpt.CheckpointError, self.dist)
+        rundir.apply_resumed_settings(self.optimizer, self.lr_scheduler, self.ema, self.cfg)
+        self.global_step = state["global_step"]
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        changed = {k: v for k, v in self.resume_changes.items() if k not in ("resume_from_checkpoint",)}
+        if changed and self.is_main:
+            lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            warnings.warn(f"resumed {folder} at step {self.global_step} with changed settings: {lines}",
+                          stacklevel=2)
+            log_dir = self.out / self.cfg.logging_dir
+            log_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_dir / "resume_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.global_step, "checkpoint": str(folder),
+                                    "changed": {k: list(v) for k, v in changed.items()}}, default=str) + "\n")
 
     # -------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> TrainResult:
         cfg = self.cfg
         self.resume()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
+        self.tracker.start(self.global_step)
         result = TrainResult(self.out, self.global_step)
         from tqdm.auto import tqdm
 

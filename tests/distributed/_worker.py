@@ -154,12 +154,19 @@ def main(out_dir):
         if lora:
             base = add_lora(base)
         for name, kw in (("flowbp-lagrange", {"k": 1, "j": 4}), ("flowbp-bridge", {"active": [0, 2, 3, 5], "j": 3}),
-                         ("full", {})):
+                         ("full", {}), ("draft-lv", {})):  # draft-lv: the copies' graphs live together
             method = fb.get_method(name)
-            plan = method.plan(N, **kw)
+            plan = method.plan(N, torch.Generator().manual_seed(0), **kw)
             ref_model = copy.deepcopy(base)
-            step_grads(ref_model, slice(0, GLOBAL_B), method, plan, "streaming", None, sig)
-            ref = flat_grads(ref_model)
+            if name == "draft-lv":
+                # each rank re-noises its own slice from the plan's seed, so the single-process reference
+                # is the mean of the per-slice gradients (what DDP and FSDP2 average), not the combined batch
+                for q in range(w):
+                    step_grads(ref_model, slice(q * per, (q + 1) * per), method, plan, "streaming", None, sig)
+                ref = flat_grads(ref_model) / w
+            else:
+                step_grads(ref_model, slice(0, GLOBAL_B), method, plan, "streaming", None, sig)
+                ref = flat_grads(ref_model)
             for strategy in ("ddp", "fsdp2"):
                 for executor in fb.EXECUTORS:
                     model = D.wrap_model(copy.deepcopy(base), strategy, state)
@@ -225,7 +232,10 @@ def main(out_dir):
             with torch.no_grad():
                 y2 = loaded(hidden_states=x0, encoder_hidden_states=enc, pooled_projections=pooled,
                             timestep=t).sample
-            res[f"export_{strategy}"] = float((y - y2).abs().max())
+            loaded_sd = loaded.state_dict()
+            res[f"export_{strategy}"] = {
+                "max_diff": float((y - y2).abs().max()), "magnitude": float(y.abs().max()),
+                "weights_equal": sd.keys() == loaded_sd.keys() and all(torch.equal(sd[k], loaded_sd[k]) for k in sd)}
         dist.barrier()
 
     dist.reduce_scatter_tensor, dist.all_reduce = orig_rs, orig_ar

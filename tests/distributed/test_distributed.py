@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tolerance import reorder_tol
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -60,9 +61,23 @@ def test_one_reduction_per_step_not_per_node(results):
 def test_resume_with_two_ranks_reproduces_losses(results, strategy):
     rec = results[0][f"resume_{strategy}"]
     assert len(rec["uninterrupted"]) == 4
+    # bit-exact: both runs do the same operations in the same order in the same processes (2 ranks,
+    # one thread each); the checkpoint restores every tensor by copy
     assert rec["resumed"] == rec["uninterrupted"]
+
+
+#: Longest chain of roundings in the tiny SD3 forward (float64): the 256-wide timestep projection, then per
+#: layer norms (16), q/k/v and output projections (16 each), q.k (8), attention over 19 tokens and the
+#: 64-wide feed-forward, twice, plus the final projection: about 600; rounded up.
+EXPORT_DEPTH = 1024
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_export_loads_into_plain_diffusers_model(results, strategy):
-    assert results[0][f"export_{strategy}"] == 0.0
+    rec = results[0][f"export_{strategy}"]
+    # bit-exact: gathering, save_pretrained and from_pretrained only copy the tensors
+    assert rec["weights_equal"]
+    # the outputs of the sharded and the reloaded model are equal up to summation order (the loaded
+    # tensors' memory alignment alone can pick another SIMD path): 4e-16 on an AMD EPYC, 0 elsewhere
+    bound = reorder_tol(torch.float64, EXPORT_DEPTH, rec["magnitude"])
+    assert rec["max_diff"] <= bound, rec

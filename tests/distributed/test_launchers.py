@@ -32,8 +32,12 @@ def _launch(prefix, out, strategy):
 def _check(out: Path, stdout: str):
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["global_step"] == 2
-    assert sorted(p.name for p in (out / "checkpoint-2").glob("random_states_*.pt")) == [
-        "random_states_0.pt", "random_states_1.pt"]
+    assert sorted(p.name for p in (out / "checkpoint-2").glob("random_states_*")) == [
+        "random_states_0.safetensors", "random_states_1.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoint-2" / "shards").iterdir()) == [
+        "layout.json", "replicated.safetensors", "shard_0.safetensors", "shard_1.safetensors"]
+    manifest = json.loads((out / "checkpoint-2" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and "shards/shard_1.safetensors" in manifest["files"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "grid_before_after.png").is_file() and (out / "summary.json").is_file()
     log = (out / "logs" / "train_log.jsonl").read_text().splitlines()

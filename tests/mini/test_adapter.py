@@ -38,6 +38,7 @@ def test_cfg_combination_and_negative_branch_gradient(adapter64):
     batch = adapter.encode_prompts(prompts)
     # the negative branch is the null prompt's encoding
     null = adapter.text_encoder.encode([""])[1].expand(2, -1)
+    # bit-exact: the same encoder call on the same prompt in this process
     torch.testing.assert_close(batch.negative["pooled_projections"], null, rtol=0, atol=0)
     sig = adapter.sigmas(10)
     x = adapter.initial_noise(2, torch.Generator().manual_seed(0))
@@ -67,6 +68,7 @@ def test_reforward_reproduces_rollout_exactly(adapter):
     ro = rollout(vf, adapter.initial_noise(3, torch.Generator().manual_seed(1)), sig)
     for i in (0, 3, 5):
         with torch.enable_grad():
+            # bit-exact: the rollout's own call repeated on the cached input, in this process
             assert torch.equal(vf(ro.cache.latent(i), i), ro.velocity(i))
 
 
@@ -113,5 +115,5 @@ def test_lora_save_load_round_trip(tmp_path):
         va, vb = a.velocity_fn(batch_a, sig)(x, 1), b.velocity_fn(batch_b, sig)(x, 1)
         base = MiniAdapter.from_pretrained("mini")
         v0 = base.velocity_fn(base.encode_prompts(["digit four"]), sig)(x, 1)
-    assert torch.equal(va, vb)
+    assert torch.equal(va, vb)  # bit-exact: identical weights (a file round trip), same calls
     assert not torch.allclose(va, v0)  # the LoRA does change the output

@@ -56,6 +56,7 @@ def test_judge_matches_sklearn_and_heldout_accuracy(judge):
     ours = judge.judge.decisions(held.images).numpy()
     np.testing.assert_allclose(ours, svc.decision_function(feats), rtol=1e-9, atol=1e-9)
     pred = judge.predict(_as_images(held))
+    # integer labels: the decisions agree to 1e-9 above, and no held-out image lies that close to a tie
     assert np.array_equal(pred.numpy(), svc.predict(feats))
     acc = float((pred == held.labels).float().mean())
     assert acc > MIN_HELDOUT_ACCURACY, f"judge accuracy on half A {acc:.4f}"

@@ -133,6 +133,7 @@ def test_batch_is_per_sample_and_sizes():
     y = x.clone()
     y[1] = 1 - y[1]
     out = pre(y)
+    # bit-exact: each sample goes through the same per-sample operations on the same pixels in both batches
     assert torch.equal(out[0], base[0]) and torch.equal(out[2], base[2]) and not torch.equal(out[1], base[1])
     assert pre.resized_shape(120, 90) == (224, 168) and clip_preprocess().resized_shape(120, 90) == (298, 224)
 

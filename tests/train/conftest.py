@@ -1,4 +1,4 @@
-"""Fixtures of the trainer tests: torch reference ops, one thread, a tiny differentiable reward."""
+"""Fixtures of the trainer tests: torch reference ops, the suite's thread count, a tiny differentiable reward."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from _tolerance import TEST_THREADS
 
 sys.path.insert(0, os.path.dirname(__file__))  # tiny.py
 
@@ -17,7 +18,7 @@ def _quiet_and_reference(monkeypatch):
     monkeypatch.setenv("FLOWBP_BACKEND", "torch")
     monkeypatch.setenv("FLOWBP_JIT", "0")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(threads)
 

@@ -35,6 +35,7 @@ def _lazy_factory(module: str, cls: str):
         return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(**kwargs)
 
     factory.__name__ = f"build_{module}"
+    factory.lazy_target = (module, cls)  # what it builds, for checking reward_kwargs before any import
     factory.__doc__ = f"Build ``flowbp_train.rewards.{module}.{cls}(**kwargs)`` (imported on first use)."
     return factory
 

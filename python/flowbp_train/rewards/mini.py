@@ -67,12 +67,12 @@ class DigitJudge(Reward):
         return (self.predict(images) == digits).float().to(images.device)
 
 
-def build_mini(kind: str = "reward", **kwargs) -> Reward:
+def build_mini(kind: str = "reward", weights_dir: str | None = None, device: str | torch.device = "cpu") -> Reward:
     """Factory of ``get_reward("mini", kind=...)``: ``"reward"`` (the CNN) or ``"judge"`` (the SVC)."""
     if kind == "reward":
-        return DigitReward(**kwargs)
+        return DigitReward(weights_dir=weights_dir, device=device)
     if kind == "judge":
-        return DigitJudge(**kwargs)
+        return DigitJudge(weights_dir=weights_dir, device=device)
     raise ValueError(f"kind must be 'reward' or 'judge', got {kind!r}")
 
 
