@@ -304,10 +304,10 @@ def verify_files(folder: Path, man: dict, names: list[str] | None = None, *, has
         if not stat.S_ISREG(st.st_mode):
             raise CheckpointError(f"{path} is not a plain file (a link or a device)")
         if st.st_size != entry["size"]:
-            raise CheckpointError(f"{path} has {st.st_size} bytes, the manifest says {entry['size']} "
+            raise CheckpointError(f"{path} has {st.st_size} bytes, {MANIFEST_FILE} says {entry['size']} "
                                   f"(truncated or replaced)")
         if hash_files and sha256_file(path) != entry["sha256"]:
-            raise CheckpointError(f"{path} does not match its sha256 in the manifest (corrupted or replaced)")
+            raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST_FILE} (corrupted or replaced)")
 
 
 def read_state(folder: Path, man: dict) -> dict:

@@ -4,7 +4,8 @@
 applies the overrides (values parsed as YAML), validates everything before any model is loaded (one-line
 errors naming the key, exit status 2) and trains; ``--dry-run`` prints the resolved config and exits.
 ``flowbp-eval`` and ``flowbp-mini`` forward to ``flowbp_train.evaluate.main`` and
-``flowbp_train.mini.cli.main``, imported only when called.
+``flowbp_train.mini.cli.main``, imported only when called. All three report a bad argument the same way:
+one line ``<prog>: error: ...`` on stderr and exit status 2 (:class:`ArgumentParser`, :class:`UsageError`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,37 @@ import os
 import sys
 
 
+class UsageError(ValueError):
+    """A bad command-line argument, found before any work; the message is one line naming it."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``prog: error: ...``, exit status 2) instead of the usage
+    block plus the error; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def run_main(prog: str, main, argv: list[str] | None) -> int:
+    """Call ``main(argv)``; a :class:`UsageError` becomes one line on stderr and exit status 2, and an
+    argparse exit becomes its status (so in-process callers get a return value, not SystemExit)."""
+    try:
+        return main(argv)
+    except UsageError as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        if isinstance(exc.code, int) or exc.code is None:
+            return exc.code or 0
+        raise
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """``flowbp-train RECIPE [key=value ...] [--dry-run]``; returns the exit status."""
     from flowbp_train.config import ConfigError, dump_yaml, load_config
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="flowbp-train",
         description="Align a flow-matching text-to-image model by direct reward backpropagation.",
         epilog="Example: flowbp-train recipes/flux1/flowbp-lagrange.yaml "
@@ -27,7 +54,10 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/flux1/flowbp-lagrange.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key (YAML value)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as exc:
@@ -36,10 +66,18 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
+    from flowbp_train.checkpoint import CheckpointError
+    from flowbp_train.rundir import OutputDirBusy
     from flowbp_train.trainer import train
 
-    result = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: rank 0 speaks
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch: rank 0 speaks
+    try:
+        result = train(cfg)
+    except (ConfigError, CheckpointError, OutputDirBusy) as exc:  # found before any training work
+        if main_rank:
+            print(f"flowbp-train: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if main_rank:
         print(f"flowbp-train: {result.global_step} steps done; outputs in {result.output_dir}")
     return 0
 

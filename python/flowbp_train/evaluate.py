@@ -12,7 +12,6 @@ GenEval-style detector metrics are out of scope.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -35,10 +34,17 @@ FIXED_COLUMNS = ["index", "seed", "prompt", "image"]
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts of a text file, one per line; blank lines and lines starting with ``#`` are skipped."""
+    from flowbp_train.config import MAX_PROMPTS_BYTES
+    from flowbp_train.yamlsafe import YamlError, read_text
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompts: no such file {str(p)!r} (expected a text file, one prompt per line)")
-    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = read_text(p, max_bytes=MAX_PROMPTS_BYTES)
+    except YamlError as exc:
+        raise ValueError(f"prompts: {exc}") from None
+    prompts = [ln.strip() for ln in text.splitlines()]
     prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
     if not prompts:
         raise ValueError(f"prompts: {str(p)!r} contains no prompt")
@@ -64,11 +70,31 @@ def _from_uint8(arrays: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
+def _image_name(i: int) -> str:
+    return f"images/{i:05d}.png"
+
+
 def _read_rows(csv_path: Path) -> dict[int, dict]:
+    """Rows of an earlier run's ``scores.csv``; a row that does not parse (index, seed) is dropped."""
     if not csv_path.is_file():
         return {}
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        return {int(r["index"]): r for r in csv.DictReader(f)}
+    rows = {}
+    with csv_path.open(newline="", encoding="utf-8", errors="replace") as f:
+        for r in csv.DictReader(f):
+            try:
+                i, _ = int(r["index"]), int(r["seed"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            rows[i] = r
+    return rows
+
+
+def _inside(path: Path, root: Path) -> Path:
+    """``path`` if it stays inside ``root`` once links are resolved; else ValueError naming it."""
+    real, base = path.resolve(), root.resolve()
+    if path.is_symlink() or (real != base and base not in real.parents):
+        raise ValueError(f"--output-dir: {path} leads outside the output directory (to {real}); remove it")
+    return path
 
 
 def _write_rows(csv_path: Path, rows: Mapping[int, dict], reward_names: Sequence[str]) -> None:
@@ -140,11 +166,21 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
     reward_map = _reward_dict(rewards)
     out = Path(output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    _inside(out / "images", out)
     csv_path = out / CSV_NAME
     rows = _read_rows(csv_path)
+    foreign = 0
     for i, r in list(rows.items()):  # a row from another prompt set / seed is not reused
-        if i >= len(prompt_list) or r.get("prompt") != prompt_list[i] or int(r.get("seed", -1)) != seed + i:
+        if i < 0 or i >= len(prompt_list) or r.get("prompt") != prompt_list[i] or int(r["seed"]) != seed + i:
             del rows[i]
+        elif r.get("image") != _image_name(i):  # only the images this tool wrote are ever opened
+            del rows[i]
+            foreign += 1
+    if foreign:
+        import warnings
+
+        warnings.warn(f"{csv_path}: {foreign} rows name an image other than images/<index>.png; they are "
+                      f"sampled again", stacklevel=2)
 
     def done(i: int) -> bool:
         r = rows.get(i)
@@ -164,7 +200,7 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
     sigmas = adapter.sigmas(num_steps)
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
-        pngs = [out / "images" / f"{i:05d}.png" for i in idx]
+        pngs = [_inside(out / _image_name(i), out) for i in idx]
         need = [k for k, p in enumerate(pngs) if not p.is_file()]
         arrays: list[np.ndarray | None] = [None] * len(idx)
         if need:
@@ -183,7 +219,7 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
         scores = {k: r.score(images, batch_prompts).cpu().double().numpy() for k, r in reward_map.items()}
         for j, i in enumerate(idx):
             row = dict(rows.get(i, {}))
-            row.update(index=i, seed=seed + i, prompt=prompt_list[i], image=f"images/{i:05d}.png")
+            row.update(index=i, seed=seed + i, prompt=prompt_list[i], image=_image_name(i))
             row.update({k: repr(float(v[j])) for k, v in scores.items()})
             rows[i] = row
         _write_rows(csv_path, rows, list(reward_map))
@@ -200,7 +236,8 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
         "rewards": {k: summarize([float(rows[i][k]) for i in range(len(prompt_list))]) for k in reward_map},
     }
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    _save_grid([out / rows[i]["image"] for i in range(len(prompt_list))], out / GRID_NAME, grid_images)
+    grid = [_inside(out / _image_name(i), out) for i in range(len(prompt_list))]
+    _save_grid(grid, out / GRID_NAME, grid_images)
     if compare_with:
         compare_runs([out, *compare_with], out)
     return summary
@@ -303,19 +340,70 @@ def _load_lora(adapter: FlowAdapter, path: str) -> None:
     pipe.load_lora_into_transformer(state, transformer=adapter.transformer)
 
 
+def _check_args(a, specs: list[tuple[str, dict]]) -> None:
+    """Every argument before any model loads; raises UsageError (one line naming the argument)."""
+    from flowbp_train.cli import UsageError
+    from flowbp_train.config import MAX_BATCH, MAX_SAMPLE_STEPS, MAX_SEED, ConfigError, check_device, check_reward
+    from flowbp_train.models import ADAPTERS
+
+    if a.family not in ADAPTERS:
+        raise UsageError(f"--family: expected one of {', '.join(sorted(ADAPTERS))}, got {a.family!r}")
+    if not a.model.strip():
+        raise UsageError("--model: expected a model id or folder, got an empty value")
+    for flag, val, lo, hi in (("--num-steps", a.num_steps, 1, MAX_SAMPLE_STEPS), ("--batch-size", a.batch_size, 1,
+                              MAX_BATCH), ("--seed", a.seed, 0, MAX_SEED)):
+        if not lo <= val <= hi:
+            raise UsageError(f"{flag}: expected an integer in [{lo}, {hi}], got {val}")
+    for flag, path in (("--lora", a.lora), ("--transformer", a.transformer)):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{flag}: no such file or folder {path!r}")
+    if Path(a.output_dir).is_file():
+        raise UsageError(f"--output-dir: {a.output_dir} is a file, expected a folder")
+    for d in a.compare_with:
+        if not (Path(d) / SUMMARY_NAME).is_file():
+            raise UsageError(f"--compare-with: {d!r} has no {SUMMARY_NAME} (run flowbp-eval there first)")
+    try:
+        load_prompts(a.prompts)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--prompts: {str(exc).removeprefix('prompts: ')}") from None
+    try:
+        check_device(a.device)
+    except ConfigError as exc:
+        raise UsageError(f"--{exc}") from None
+    for name, kw in specs:
+        try:
+            check_reward(name, kw)
+        except ConfigError as exc:
+            msg = str(exc).removeprefix("reward_kwargs.").removeprefix("reward: ")
+            raise UsageError(f"--reward {name}: {msg}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The ``flowbp-eval`` command line; ``flowbp-eval compare RUN... --output-dir D`` compares runs."""
+    """The ``flowbp-eval`` command line; ``flowbp-eval compare RUN... --output-dir D`` compares runs. A bad
+    argument is one line on stderr and exit status 2."""
+    from flowbp_train.cli import run_main
+
+    return run_main("flowbp-eval", _main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     import sys
+
+    from flowbp_train.cli import ArgumentParser, UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
-        ap = argparse.ArgumentParser(prog="flowbp-eval compare", description="Compare finished evaluation runs.")
+        ap = ArgumentParser(prog="flowbp-eval compare", description="Compare finished evaluation runs.")
         ap.add_argument("runs", nargs="+", help="run directories holding summary.json")
         ap.add_argument("--output-dir", required=True)
         a = ap.parse_args(argv[1:])
-        print(compare_runs(a.runs, a.output_dir), end="")
+        try:
+            table = compare_runs(a.runs, a.output_dir)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            raise UsageError(f"runs: {exc}") from None
+        print(table, end="")
         return 0
-    ap = argparse.ArgumentParser(prog="flowbp-eval", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="flowbp-eval", description=__doc__.split("\n")[0])
     ap.add_argument("--family", required=True, help="model family: flux1, sd3, flux2, mini")
     ap.add_argument("--model", "--pretrained_model_name_or_path", dest="model", required=True,
                     help="base model id or local path")
@@ -333,7 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    specs = [parse_reward_spec(s) for s in a.reward]
+    try:
+        specs = [parse_reward_spec(s) for s in a.reward]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    _check_args(a, specs)
 
     from flowbp_train.models import build_adapter
 

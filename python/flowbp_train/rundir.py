@@ -55,6 +55,7 @@ class OutputDirLock:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_FILE
+        self._created = False  # the folder did not exist: a run that fails early leaves nothing behind
 
     def _key(self) -> str:
         return str(self.path.resolve())
@@ -91,6 +92,7 @@ class OutputDirLock:
         if key is not None and key in _HELD:
             _HELD[key][1] += 1
             return self
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         key = self._key()
         token = uuid.uuid4().hex
@@ -135,6 +137,11 @@ class OutputDirLock:
         rec = self.holder()
         if rec and rec.get("token") == held[0]:  # never remove a lock someone else took over
             self.path.unlink(missing_ok=True)
+            if self._created:
+                try:
+                    self.folder.rmdir()  # only if the run wrote nothing else
+                except OSError:
+                    pass
 
     def __enter__(self) -> OutputDirLock:
         return self.acquire()

@@ -448,22 +448,32 @@ class Trainer:
             self.adapter.save_lora_weights(folder, get_peft_model_state_dict(tr, state_dict=state_dict))
 
     def _read_weights(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
+        """The trainable weights of a verified checkpoint (safetensors only; errors name the file)."""
         tr = self.adapter.transformer
         if self.cfg.rank == 0:
+            ckpt.read_json(folder / "transformer" / "config.json", "model config")
+            files = sorted((folder / "transformer").glob("*.safetensors"))
+            if not files:
+                raise ckpt.CheckpointError(f"{folder / 'transformer'} holds no *.safetensors weights")
             state = {}
-            for f in sorted((folder / "transformer").glob("*.safetensors")):
-                state.update(load_file(f))
-            tr.load_state_dict(state, strict=True)
+            for f in files:
+                state.update(ckpt.load_safetensors(f))
+            try:
+                tr.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise ckpt.CheckpointError(f"{files[0]} does not fit this transformer "
+                                           f"({' '.join(str(exc).split())[:200]})") from None
             return
         from peft.utils import set_peft_model_state_dict
 
-        state = load_file(folder / ckpt.LORA_FILE)
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        res = set_peft_model_state_dict(tr, state, adapter_name="default")
+        path = folder / ckpt.LORA_FILE
+        state = {k.removeprefix("transformer."): v for k, v in ckpt.load_safetensors(path).items()}
+        try:
+            res = set_peft_model_state_dict(tr, state, adapter_name="default")
+        except RuntimeError as exc:
+            raise ckpt.CheckpointError(f"{path} does not fit this LoRA ({' '.join(str(exc).split())[:200]})") from None
         if getattr(res, "unexpected_keys", None):
-            raise RuntimeError(f"checkpoint {folder}: unexpected LoRA keys {res.unexpected_keys[:3]}...")
+            raise ckpt.CheckpointError(f"{path}: unexpected LoRA keys {res.unexpected_keys[:3]}")
         for p in self.params:  # peft copies in the file's dtype into our fp32 LoRA weights
             p.data = p.data.float()
 

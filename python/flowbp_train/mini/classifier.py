@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowbp_train.mini.data import NUM_CLASSES, load_digits
-from flowbp_train.mini.model import WEIGHTS_DIR, save_weights, verified_path
+from flowbp_train.mini.model import DEFAULT_OUT_DIR, save_weights, verified_path
 
 REWARD_FILE = "reward_cnn.safetensors"
 JUDGE_FILE = "judge_svc.safetensors"
@@ -74,7 +74,7 @@ def train_reward_cnn(epochs: int = 20, batch_size: int = 64, lr: float = 1e-3, s
     net.eval()
     with torch.no_grad():
         acc = float((net(held.images).argmax(1) == held.labels).float().mean())
-    out_dir = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    out_dir = Path(out_dir if out_dir is not None else DEFAULT_OUT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REWARD_FILE
     meta = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "heldout_accuracy_B": acc}
@@ -165,7 +165,7 @@ def train_judge(C: float = 10.0, out_dir: str | Path | None = None, log=print) -
     }
     judge = SVCJudge(tensors)
     acc = float((judge.predict(held.images) == held.labels).float().mean())
-    out_dir = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    out_dir = Path(out_dir if out_dir is not None else DEFAULT_OUT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / JUDGE_FILE
     meta = {"C": C, "gamma": float(svc._gamma), "heldout_accuracy_A": acc, "num_support": int(sum(svc.n_support_))}

@@ -1,20 +1,34 @@
 """``flowbp-mini``: build, inspect and study the CPU miniature.
 
 Subcommands: ``pretrain`` (the base model), ``train-reward`` (the reward CNN), ``train-judge`` (the SVC
-judge) - each rewrites its file in ``flowbp_train/mini/weights`` and its sha256; ``sample`` (a grid of
+judge) - each writes its file and its sha256 into ``--out`` (default ``./flowbp-mini-weights``; never the
+installed package, whose committed files stay as shipped); ``sample`` (a grid of
 every digit from the base model or a LoRA run); ``check`` (the base model's per-digit judge accuracy);
 ``align`` (the direct LoRA loop of :mod:`flowbp_train.mini.align`, writing grids, curves, summary and
 LoRA); ``report`` (the same report for a finished ``flowbp-train recipes/mini/*.yaml`` run); ``study``
 (``benchmarks/mini_study.py``: every method, 3 seeds). The trainer's ``flowbp-mini`` entry point calls
-:func:`main`.
+:func:`main`; a bad argument is one line on stderr and exit status 2, checked before any work.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
+import os
 import sys
 import time
+from pathlib import Path
+
+from flowbp_train.cli import ArgumentParser, UsageError, run_main
+from flowbp_train.mini.model import DEFAULT_OUT_DIR
+
+#: Bounds of the numeric arguments (input checks): steps of pretraining / alignment, seeds of a study,
+#: samples per prompt, threads (a shared machine), and the CFG scale (the miniature is used at 1-5).
+MAX_STEPS = 1_000_000
+MAX_SEEDS = 100
+MAX_PER_PROMPT = 1000
+MAX_THREADS = 1024
+MAX_GUIDANCE = 100.0
 
 
 def _adapter(guidance: float):
@@ -102,21 +116,57 @@ def _cmd_study(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flowbp-mini", description=__doc__.split("\n")[0])
+def _check(a) -> None:
+    """Every argument of the chosen subcommand, before any work; UsageError names the argument."""
+    from flowbp_kernels import METHODS
+
+    def bounded(flag: str, lo, hi) -> None:
+        val = getattr(a, flag.lstrip("-").replace("-", "_"), None)
+        if val is not None and not (lo <= val <= hi):
+            raise UsageError(f"{flag}: expected a value in [{lo}, {hi}], got {val}")
+
+    bounded("--threads", 1, MAX_THREADS)
+    bounded("--steps", 1, MAX_STEPS if a.command in ("pretrain", "study") else 1000)
+    bounded("--max-train-steps", 1, MAX_STEPS)
+    bounded("--seed", 0, 2**32 - 1)
+    bounded("--seeds", 1, MAX_SEEDS)
+    bounded("--per-prompt", 1, MAX_PER_PROMPT)
+    guidance = getattr(a, "guidance", None)
+    if guidance is not None and not (math.isfinite(guidance) and 0 < guidance <= MAX_GUIDANCE):
+        raise UsageError(f"--guidance: expected a number in (0, {MAX_GUIDANCE:g}], got {guidance}")
+    methods = [a.method] if getattr(a, "method", None) is not None else list(getattr(a, "methods", None) or [])
+    for m in methods:
+        if m not in METHODS:
+            raise UsageError(f"--method: expected one of {', '.join(METHODS)}, got {m!r}")
+    lora = getattr(a, "lora", None)
+    if lora is not None and not Path(lora).exists():
+        raise UsageError(f"--lora: no such file or folder {lora!r}")
+    if a.command == "report" and not (Path(a.output_dir) / "config.yaml").is_file():
+        raise UsageError(f"output_dir: {a.output_dir!r} holds no finished flowbp-train run (no config.yaml)")
+    out = getattr(a, "out", None)
+    if out is not None and a.command in ("pretrain", "train-reward", "train-judge", "study") and Path(out).is_file():
+        raise UsageError(f"--out: {out} is a file, expected a folder")
+    if out is not None and a.command == "sample" and (Path(out).is_dir() or not Path(out).suffix):
+        raise UsageError(f"--out: expected an image file name such as grid.png, got {out!r}")
+    if a.command == "align" and Path(a.output_dir).is_file():
+        raise UsageError(f"--output-dir: {a.output_dir} is a file, expected a folder")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="flowbp-mini", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("pretrain", help="rectified-flow pretraining of the base model (writes the weights)")
     s.add_argument("--steps", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--out", default=None, help="folder (default: the package's weights folder)")
+    s.add_argument("--out", default=DEFAULT_OUT_DIR, help=f"folder (default: ./{DEFAULT_OUT_DIR})")
     s.set_defaults(fn=_cmd_pretrain)
     for name, fn, help_ in (("train-reward", _cmd_train_reward, "train the reward CNN on half A"),
                             ("train-judge", _cmd_train_judge, "fit the SVC judge on half B")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--threads", type=int, default=1)
-        s.add_argument("--out", default=None)
+        s.add_argument("--out", default=DEFAULT_OUT_DIR, help=f"folder (default: ./{DEFAULT_OUT_DIR})")
         s.set_defaults(fn=fn)
     for name, fn, help_ in (("sample", _cmd_sample, "PNG grid of every digit"),
                             ("check", _cmd_check, "score the base model's samples (reward, judge per digit)")):
@@ -151,8 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``flowbp-mini``; returns the exit status."""
+    """Entry point of ``flowbp-mini``; returns the exit status (2 and one line on a bad argument)."""
+    return run_main("flowbp-mini", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    _check(args)
+    if getattr(args, "out", None) is not None and args.command in ("pretrain", "train-reward", "train-judge"):
+        os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     rc = args.fn(args)
     print(f"flowbp-mini {args.command}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)

@@ -18,6 +18,9 @@ import torch
 from flowbp_train.mini.text_encoder import TinyTextEncoder
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: Where ``flowbp-mini pretrain / train-reward / train-judge`` write when no folder is named: under the
+#: current directory, never into the installed package (whose hashes would then vouch for new weights).
+DEFAULT_OUT_DIR = "flowbp-mini-weights"
 HASHES_FILE = "sha256.json"
 BASE_FILE = "mini_base.safetensors"
 

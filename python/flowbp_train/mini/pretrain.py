@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from flowbp_train.mini.data import NULL_PROMPT, TEMPLATES, load_digits, prompt_for
-from flowbp_train.mini.model import BASE_FILE, WEIGHTS_DIR, build_text_encoder, build_transformer, save_base
+from flowbp_train.mini.model import BASE_FILE, DEFAULT_OUT_DIR, build_text_encoder, build_transformer, save_base
 
 
 @dataclass
@@ -76,10 +76,10 @@ def flow_matching_loss(transformer, text_encoder, x0: torch.Tensor, prompts: lis
 
 def pretrain(cfg: PretrainConfig | None = None, out_dir: str | Path | None = None, log=print) -> dict:
     """Run the pretraining and save ``mini_base.safetensors`` (EMA weights) into ``out_dir`` (default:
-    the package's weights folder), recording its sha256. Returns a summary dict."""
+    ``./flowbp-mini-weights``, never the installed package), recording its sha256. Returns a summary dict."""
     cfg = cfg or PretrainConfig()
     cfg.validate()
-    out_dir = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    out_dir = Path(out_dir if out_dir is not None else DEFAULT_OUT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
