@@ -173,13 +173,17 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+          list: "a list", type(None): "null"}
+
+
 def _type_name(tp) -> str:
     if tp is Any:
         return "any"
     args = typing.get_args(tp)
     if args:
-        return " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
-    return getattr(tp, "__name__", str(tp))
+        return " or ".join(_NAMES.get(a, getattr(a, "__name__", str(a))) for a in args)
+    return _NAMES.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(key: str, value, tp):
