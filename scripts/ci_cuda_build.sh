@@ -3,7 +3,9 @@
 # then load the extension and check that every op has CPU and CUDA kernels registered. Nothing CUDA runs.
 # The build happens in a temporary copy of the tree, so the repository's own (CPU) build is untouched.
 # Env: VENV (default /tmp/flowbp-cuda-venv), PYTHON (default python3), FLOWBP_CUDA_ARCHS (default 9.0 here:
-# one architecture keeps the job within its budget; the package default is "8.0;9.0"), MAX_JOBS (default 2).
+# one architecture keeps the job within its budget; the package default is "8.0;9.0"), MAX_JOBS (default 2),
+# FLOWBP_CUDA_BUILD_DIR (build in this folder and keep it, e.g. to run the tests there; default: a
+# temporary folder, removed at the end).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-/tmp/flowbp-cuda-venv}"
@@ -32,8 +34,13 @@ NV_INC="$("$PY" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[
 [ -f "$NV_INC/cusparse.h" ] || { echo "missing $NV_INC/cusparse.h"; exit 1; }
 export CPATH="$NV_INC${CPATH:+:$CPATH}"
 
-WORK="$(mktemp -d /tmp/flowbp-cuda-build.XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
+if [ -n "${FLOWBP_CUDA_BUILD_DIR:-}" ]; then
+  WORK="$FLOWBP_CUDA_BUILD_DIR"
+  mkdir -p "$WORK"
+else
+  WORK="$(mktemp -d /tmp/flowbp-cuda-build.XXXXXX)"
+  trap 'rm -rf "$WORK"' EXIT
+fi
 (cd "$REPO" && tar --exclude=./build --exclude='*.so' --exclude=./.git --exclude='./.venv*' --exclude=./flowbp-output -cf - .) | tar -xf - -C "$WORK"
 cd "$WORK"
 FLOWBP_FORCE_CUDA_BUILD=1 "$PY" setup.py -q build_ext --inplace

@@ -3,10 +3,14 @@
 For DDP and FSDP2 with LoRA and EMA: 4 uninterrupted steps vs 2 steps, a checkpoint written by both
 ranks, and 2 resumed steps (losses must be identical); and the final LoRA gathered from the ranks,
 loaded by a plain diffusers pipeline with ``load_lora_weights``, must reproduce the trained model.
+Then a pickle planted in each file of the FSDP2 checkpoint in turn (with the manifest as written, and
+rewritten to vouch for the file): every resume must stop on both ranks with one line naming the file,
+and the pickle must never run.
 """
 
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -78,9 +82,49 @@ def main(root):
     res["bf16_fsdp2"] = {"losses": losses, "lora_dtypes": sorted({str(p.dtype) for p in t.params}),
                          "base_dtypes": sorted({str(p.dtype) for p in t.adapter.transformer.parameters()
                                                 if not p.requires_grad})}
+    res["pickles"] = plant_pickles(root, r)
     with open(os.path.join(root, f"rank{r}.json"), "w") as f:
         json.dump(res, f, indent=1)
     dist.destroy_process_group()
+
+
+class Plant:
+    """Unpickling it writes a marker file (what an attacker's code would do instead)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def plant_pickles(root, r):
+    from flowbp_train import checkpoint as ckpt
+
+    src = os.path.join(root, "fsdp2-b", "checkpoint-2")
+    marker = os.path.join(root, "ran.txt")
+    names = sorted(json.load(open(os.path.join(src, ckpt.MANIFEST_FILE)))["files"]) + [ckpt.MANIFEST_FILE]
+    out = []
+    for name in names:
+        for vouched in (False, True) if name != ckpt.MANIFEST_FILE else (False,):
+            folder = os.path.join(root, "planted", f"{vouched}-{name.replace('/', '_')}", "checkpoint-2")
+            if r == 0:
+                shutil.copytree(src, folder)
+                torch.save({"state": Plant(marker)}, os.path.join(folder, name))
+                if vouched:
+                    path = os.path.join(folder, ckpt.MANIFEST_FILE)
+                    man = json.load(open(path))
+                    man["files"][name] = ckpt.file_entries(ckpt.Path(folder), [name])[name]
+                    json.dump(man, open(path, "w"))
+            dist.barrier()
+            msg = None
+            try:
+                run(os.path.join(root, "planted-out"), "fsdp2", use_ema=True, resume_from_checkpoint=folder)
+            except (ckpt.CheckpointError, ValueError) as exc:
+                msg = str(exc)
+            dist.barrier()
+            out.append({"file": name, "vouched": vouched, "message": msg, "ran": os.path.exists(marker)})
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The Trainer under torchrun with 2 CPU ranks (gloo), DDP and FSDP2, LoRA and EMA: resuming a
 2-rank checkpoint with 2 ranks gives the uninterrupted losses; the LoRA exported from the ranks loads
-into a plain diffusers pipeline and reproduces the trained transformer."""
+into a plain diffusers pipeline and reproduces the trained transformer; a pickle planted in any file of
+the 2-rank checkpoint never runs and stops the resume on both ranks with one line naming the file."""
 
 import json
 import os
@@ -54,3 +55,14 @@ def test_fsdp2_bf16_base_with_fp32_lora(results):
     rec = results["bf16_fsdp2"]
     assert rec["lora_dtypes"] == ["torch.float32"] and rec["base_dtypes"] == ["torch.bfloat16"]
     assert len(rec["losses"]) == 2 and all(v is not None and abs(v) < 1e3 for v in rec["losses"])
+
+
+def test_planted_pickles_never_run_with_two_ranks(results):
+    rows = results["pickles"]
+    assert len(rows) >= 17 and {r["file"] for r in rows} >= {"shards/shard_0.safetensors", "shards/shard_1.safetensors",
+                                                             "shards/layout.json", "random_states_1.safetensors",
+                                                             "scheduler.pt", "manifest.json"}
+    for r in rows:
+        assert not r["ran"], r
+        assert r["message"] is not None and "\n" not in r["message"] and r["file"] in r["message"], r
+    print(f"\nplanted pickles (2 ranks): {len(rows)} files tried, {sum(r['ran'] for r in rows)} executed")

@@ -314,3 +314,25 @@ def test_a_new_learning_rate_applies_on_resume(runs, tmp_path):
     assert t.ema.decay == 0.9
     events = [json.loads(x) for x in (out / "logs" / "resume_log.jsonl").read_text().splitlines()]
     assert events[-1]["step"] == 2 and events[-1]["changed"]["learning_rate"] == [1e-3, 3e-4]
+
+
+def test_no_loader_in_the_code_unpickles():
+    """Every torch.load of the library passes weights_only=True; nothing calls pickle, dill or joblib to
+    load, nor numpy with allow_pickle (a static check of the sources, so a new loader cannot slip in)."""
+    import re
+
+    bad = []
+    for path in [*(ROOT / "python" / "flowbp_train").rglob("*.py"), *(ROOT / "flowbp_kernels").rglob("*.py")]:
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(", text):
+            depth, end = 1, m.end()
+            while depth and end < len(text):  # the whole call, nested parentheses included
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            call = text[m.end(): end]
+            if "weights_only=True" not in call:
+                bad.append(f"{path.relative_to(ROOT)}: torch.load({call.strip()[:60]}")
+        for pattern in (r"pickle\.loads?\(", r"\bdill\.", r"joblib\.load", r"allow_pickle\s*=\s*True",
+                        r"weights_only\s*=\s*False", r"Unpickler\("):
+            bad += [f"{path.relative_to(ROOT)}: {pattern}" for _ in re.finditer(pattern, text)]
+    assert not bad, bad
