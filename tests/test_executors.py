@@ -386,3 +386,44 @@ def test_streaming_holds_one_graph_at_a_time():
     many = peak_saved(list(range(n)), "streaming")
     assert many <= 1.1 * one
     assert peak_saved(list(range(n)), "retain") > 4 * peak_saved([n - 1], "retain")
+
+
+def test_draft_lv_non_finite_copy_leaves_no_gradient(setup):
+    """The second re-noised copy's loss is NaN: the first copy's backward must not have run yet (the
+    streaming executor checks every copy before the first parameter backward)."""
+    net, ro, _, _ = setup
+    calls = [0]
+
+    def reward(x):
+        calls[0] += 1  # 1: the sample, 2 and 3: the two copies
+        r = x.flatten(1).sum(1)
+        return r * float("nan") if calls[0] == 3 else r
+
+    m = fb.get_method("draft-lv", num_noised=2)
+    for ex in fb.EXECUTORS:
+        net.zero_grad(set_to_none=True)
+        calls[0] = 0
+        with pytest.raises(fb.NonFiniteLossError):
+            fb.reward_backprop(m, net, ro, reward, executor=ex, generator=torch.Generator().manual_seed(0))
+        assert calls[0] == 3 and all(p.grad is None for p in net.parameters()), ex
+
+
+class _NaNGrad(torch.autograd.Function):
+    """Identity in value, NaN gradient: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def test_non_finite_reward_gradient_leaves_no_gradient(setup):
+    net, ro, _, _ = setup
+    net.zero_grad(set_to_none=True)
+    with pytest.raises(fb.NonFiniteLossError, match="reward's gradient"):
+        fb.reward_backprop(fb.get_method("flowbp-sparse"), net, ro, lambda x: _NaNGrad.apply(x).flatten(1).sum(1),
+                           executor="streaming", generator=torch.Generator().manual_seed(0))
+    assert all(p.grad is None for p in net.parameters())
