@@ -150,7 +150,61 @@ class OutputDirLock:
         self.release()
 
 
+def claim_output_dir(lock: OutputDirLock, state) -> bool:
+    """Take ``lock`` on rank 0 and remove the temporary folders a killed run left there; every rank raises
+    OutputDirBusy if the folder is busy (``state``: the run's ``distributed.DistState``). Returns whether
+    this process holds the lock."""
+    from flowbp_train import checkpoint as ckpt
+    from flowbp_train import distributed as D
+
+    err, held = None, False
+    if state.is_main:
+        try:
+            lock.acquire()
+            held = True
+            ckpt.remove_stale_temporaries(lock.folder)
+        except OutputDirBusy as exc:
+            err = str(exc)
+    D.raise_if_any(err, OutputDirBusy, state)
+    return held
+
+
 # ------------------------------------------------------------------------------------- resuming
+def find_resume(output_dir: Path, cfg, state) -> tuple[Path, tuple[dict, dict], dict] | None:
+    """The checkpoint ``cfg.resume_from_checkpoint`` names, verified on every rank (manifest, sizes and
+    hashes of the files this rank reads, trainer state) and compared with ``cfg``: ``(folder,
+    (manifest, trainer_state), changes)``, or None when there is nothing to resume. Raises CheckpointError
+    (on every rank when one fails) or ConfigError (a fixed key changed, another strategy)."""
+    import warnings
+
+    from flowbp_train import checkpoint as ckpt
+    from flowbp_train import distributed as D
+    from flowbp_train.config import ConfigError
+
+    spec = cfg.resume_from_checkpoint
+    err, found = None, None
+    try:
+        folder = ckpt.resolve_checkpoint(output_dir, spec)
+        if folder is not None:
+            names = ckpt.distributed_files(ckpt.read_manifest(folder), state.rank) if state.enabled else None
+            found = folder, ckpt.verify_checkpoint(folder, names)
+    except ckpt.CheckpointError as exc:
+        err = str(exc)
+    D.raise_if_any(err, ckpt.CheckpointError, state)
+    if found is None:
+        if spec == "latest":
+            warnings.warn(f"resume_from_checkpoint=latest: no checkpoint in {output_dir}; starting fresh",
+                          stacklevel=4)
+        return None
+    folder, (man, saved) = found
+    strategy = cfg.distributed_strategy if state.enabled else "none"
+    if man["world_size"] == state.world_size and saved.get("strategy", strategy) != strategy:
+        raise ConfigError(f"distributed_strategy: {folder} was written with {saved.get('strategy')!r}, this "
+                          f"run uses {strategy!r}; resume with the same strategy")
+    changes = resume_changes(saved["config"], cfg, allow=cfg.resume_allow_changes)
+    return folder, (man, saved), changes
+
+
 def resume_changes(saved: dict, cfg, *, allow: bool) -> dict[str, tuple]:
     """``{key: (old, new)}`` of the keys that differ between the checkpoint's config and ``cfg``. Raises
     ConfigError naming the keys of ``RESUME_FIXED_KEYS`` that changed, unless ``allow``."""

@@ -30,7 +30,7 @@ from flowbp_kernels import NonFiniteLossError, get_method, reward_backprop, roll
 from flowbp_train import checkpoint as ckpt
 from flowbp_train import distributed as D
 from flowbp_train import rundir
-from flowbp_train.config import ConfigError, TrainConfig, check_lora_targets, dump_yaml, load_prompts, validate
+from flowbp_train.config import TrainConfig, check_lora_targets, dump_yaml, load_prompts, validate
 from flowbp_train.models.base import FlowAdapter
 
 
@@ -241,43 +241,16 @@ class Trainer:
 
     def _claim_output_dir(self) -> None:
         """Lock ``output_dir`` (rank 0; every rank fails if it is busy) and remove what a killed run left."""
-        err = None
-        if self.is_main:
-            try:
-                self.lock.acquire()
-                self._lock_held["held"] = True
-                ckpt.remove_stale_temporaries(self.out)
-            except rundir.OutputDirBusy as exc:
-                err = str(exc)
-        D.raise_if_any(err, rundir.OutputDirBusy, self.dist)
+        self._lock_held["held"] = rundir.claim_output_dir(self.lock, self.dist)
 
     def _check_resume(self) -> tuple[Path, tuple[dict, dict]] | None:
-        """The checkpoint to resume, verified on every rank (manifest, sizes, hashes, trainer state) and
-        compared with this config, before anything heavy is built."""
-        spec = self.cfg.resume_from_checkpoint
-        err, found = None, None
-        try:
-            folder = ckpt.resolve_checkpoint(self.out, spec)
-            if folder is not None:
-                man = ckpt.read_manifest(folder)
-                names = ckpt.distributed_files(man, self.rank) if self.world_size > 1 else None
-                found = folder, ckpt.verify_checkpoint(folder, names)
-        except ckpt.CheckpointError as exc:
-            err = str(exc)
-        D.raise_if_any(err, ckpt.CheckpointError, self.dist)
+        """The checkpoint to resume, verified on every rank and compared with this config (before any
+        model loads); None for a fresh start."""
+        found = rundir.find_resume(self.out, self.cfg, self.dist)
         if found is None:
-            if spec == "latest":
-                warnings.warn(f"resume_from_checkpoint=latest: no checkpoint in {self.out}; starting fresh",
-                              stacklevel=3)
             return None
-        folder, (man, state) = found
-        strategy = self.cfg.distributed_strategy if self.world_size > 1 else "none"
-        if man["world_size"] == self.world_size and state.get("strategy", strategy) != strategy:
-            raise ConfigError(f"distributed_strategy: {folder} was written with {state.get('strategy')!r}, this "
-                              f"run uses {strategy!r}; resume with the same strategy")
-        self.resume_changes = rundir.resume_changes(state["config"], self.cfg,
-                                                    allow=self.cfg.resume_allow_changes)
-        return found
+        folder, verified, self.resume_changes = found
+        return folder, verified
 
     def close(self) -> None:
         """Release the output_dir lock (``train`` does it at the end; for a Trainer driven by hand)."""
