@@ -82,3 +82,21 @@ def test_cli_error_is_one_line_and_exit_2(capsys):
     assert train_main([str(recipe)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("flowbp-train: error: pretrained_model_name_or_path") and "\n" not in err
+
+
+def test_overrides_are_read_by_the_key_type(tmp_path):
+    """The README's values work: no YAML 1.1 surprises (no -> False, 1e-5 -> str, 017 -> 15, dates)."""
+    cfg = load_config(None, OK + ["learning_rate=1e-5", "mixed_precision=no", "use_ema=true", "seed=017",
+                                  "output_dir=/runs/2024-01-02", "revision='main'", "resume_from_checkpoint=null",
+                                  "method_options={alpha: 0.2, tau: 1e-1}", "reward_kwargs.version=v2.1",
+                                  "tracker_project_name=yes"])
+    assert cfg.learning_rate == 1e-5 and isinstance(cfg.learning_rate, float)
+    assert cfg.mixed_precision == "no" and cfg.use_ema is True and cfg.seed == 17
+    assert cfg.output_dir == "/runs/2024-01-02" and cfg.revision == "main" and cfg.resume_from_checkpoint is None
+    assert cfg.method_options == {"alpha": 0.2, "tau": 0.1} and cfg.reward_kwargs == {"version": "v2.1"}
+    assert cfg.tracker_project_name == "yes"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("mixed_precision: no\nlearning_rate: 1e-5\nprompts: [on, off, 2024-01-02]\nseed: 010\n")
+    cfg = load_config(recipe, OK)
+    assert cfg.mixed_precision == "no" and cfg.learning_rate == 1e-5 and cfg.seed == 10
+    assert cfg.prompts == ["on", "off", "2024-01-02"]
