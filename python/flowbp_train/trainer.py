@@ -302,8 +302,8 @@ class Trainer:
             if self.is_main and adapter.encoded_prompts:
                 where = "" if adapter.device.type == "cpu" else "; text encoders offloaded to the CPU"
                 print(f"flowbp-train: encoded {adapter.encoded_prompts} prompts (the empty negative prompt "
-                      f"included) on {adapter.device} in {str(adapter.dtype).removeprefix('torch.')} in "
-                      f"{adapter.encode_seconds:.1f} s{where}", file=sys.stderr, flush=True)
+                      f"included) in {adapter.encode_seconds:.1f} s on {adapter.device}, "
+                      f"{str(adapter.dtype).removeprefix('torch.')}{where}", file=sys.stderr, flush=True)
 
     # -------------------------------------------------------------- one step
     def _micro_step(self, loss_scale: float, last: bool = True) -> tuple:
