@@ -58,15 +58,14 @@ class FlowAdapter(ABC):
     dtype: torch.dtype = torch.float32
     encode_seconds: float = 0.0
     encoded_prompts: int = 0
+    #: the pipeline class a model folder of this family holds (``model_index.json``), for ``check_files``
+    pipeline_class_name: str | None = None
 
     @classmethod
     def lora_targets(cls, transformer: torch.nn.Module) -> list[str]:
         """The default LoRA target names for ``transformer`` (``default_lora_targets``; a family adds the
         modules whose suffix is ambiguous, named per block)."""
         return list(cls.default_lora_targets)
-
-    #: the pipeline class a model folder of this family holds (``model_index.json``), for ``check_files``
-    pipeline_class_name: str | None = None
 
     @classmethod
     def check_files(cls, pretrained_model_name_or_path: str, *, revision: str | None = None,
@@ -122,8 +121,7 @@ class FlowAdapter(ABC):
             enc.to("cpu")
 
     # ------------------------------------------------------------------ shared helpers (trainer side)
-    #: the diffusers pipeline class whose ``save_lora_weights`` / ``load_lora_weights`` define the LoRA
-    #: file format of this family (None: the adapter overrides :meth:`save_lora_weights`).
+    #: the family's diffusers pipeline class (None: the adapter was built from components)
     pipeline_class: type | None = None
     #: the loaded pipeline, when the adapter was built from one (sample images, model card).
     pipeline = None
@@ -197,8 +195,9 @@ class FlowAdapter(ABC):
         missing = [p for p in dict.fromkeys(prompts) if p not in cache]
         if missing:
             t0 = time.perf_counter()
-            for enc in self.text_encoders():
-                place_module(enc, self.device, self.dtype)
+            if getattr(self, "prompt_encoder", None) is None:  # a given prompt_encoder replaces them
+                for enc in self.text_encoders():
+                    place_module(enc, self.device, self.dtype)
             with torch.no_grad():
                 out = encode(missing)
             for q, p in enumerate(missing):
