@@ -28,7 +28,8 @@ from flowbp_kernels import rollout
 from flowbp_train.models.base import FlowAdapter
 from flowbp_train.rewards import Reward, get_reward
 
-__all__ = ["EVAL_PROTOCOL", "compare_runs", "evaluate", "load_prompts", "main", "parse_reward_spec", "summarize"]
+__all__ = ["EVAL_PROTOCOL", "compare_runs", "evaluate", "load_prompts", "main", "parse_reward_spec", "protocol",
+           "summarize"]
 
 CSV_NAME, SUMMARY_NAME, GRID_NAME = "scores.csv", "summary.json", "grid.png"
 FIXED_COLUMNS = ["index", "seed", "prompt", "image"]
@@ -326,6 +327,17 @@ def _load_transformer_weights(adapter: FlowAdapter, path: str) -> None:
     adapter.transformer.load_state_dict(state)
 
 
+def protocol(family: str, **given) -> dict:
+    """The sampling settings of ``family``'s evaluation protocol (:data:`EVAL_PROTOCOL`) with every value
+    in ``given`` that is not None on top: ``num_steps``, ``guidance_scale``, ``resolution``, ``dtype``."""
+    out = {**FALLBACK_PROTOCOL, **EVAL_PROTOCOL.get(family, {})}
+    unknown = set(given) - set(out)
+    if unknown:
+        raise TypeError(f"protocol: unknown settings {sorted(unknown)}")
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
+
+
 def _load_lora(adapter: FlowAdapter, path: str, weights: str = "auto") -> dict:
     """Attach the LoRA of ``path`` (a file, a run folder or ``checkpoint-N``: its EMA weights when it has
     them, unless ``weights`` says otherwise); returns what was loaded, for the summary."""
@@ -341,12 +353,18 @@ def _load_lora(adapter: FlowAdapter, path: str, weights: str = "auto") -> dict:
     return out
 
 
-def _check_files(family: str, model: str, specs: list[tuple[str, dict]], prompts: str) -> None:
+def _check_files(family: str, model: str, specs: list[tuple[str, dict]], prompts: str, *, lora: str | None = None,
+                 lora_weights: str = "auto", transformer: str | None = None) -> None:
     """Every file the evaluation needs, before anything heavy loads (one line naming the argument)."""
+    from flowbp_train.lora_files import resolve_lora_file
     from flowbp_train.models import adapter_class
     from flowbp_train.rewards import check_reward
 
     load_prompts(prompts)
+    if lora is not None:
+        resolve_lora_file(lora, lora_weights)
+    if transformer is not None and not Path(transformer).exists():
+        raise FileNotFoundError(f"--transformer: no such file or directory {transformer!r}")
     check = getattr(adapter_class(family), "check_files", None)
     if callable(check):
         check(model, key="--model")
@@ -396,11 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     specs = [parse_reward_spec(s) for s in a.reward]
-    proto = {**FALLBACK_PROTOCOL, **EVAL_PROTOCOL.get(a.family, {})}
-    for key in ("num_steps", "guidance_scale", "resolution", "dtype"):
-        if getattr(a, key) is None:
-            setattr(a, key, proto[key])
-    _check_files(a.family, a.model, specs, a.prompts)  # every file, before the reward and model load
+    for key, value in protocol(a.family, num_steps=a.num_steps, guidance_scale=a.guidance_scale,
+                               resolution=a.resolution, dtype=a.dtype).items():
+        setattr(a, key, value)
+    _check_files(a.family, a.model, specs, a.prompts, lora=a.lora, lora_weights=a.lora_weights,
+                 transformer=a.transformer)  # every file, before the reward and the model load
 
     rewards = {}
     for name, kw in specs:  # the rewards first: they fail in seconds, the model after minutes
