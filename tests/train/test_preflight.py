@@ -117,3 +117,23 @@ def test_the_cli_reports_a_missing_component_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0
     assert err.startswith("flowbp-train: error: pretrained_model_name_or_path: ") and "vae" in err
+
+
+def test_a_cached_model_id_is_checked_in_its_snapshot(tmp_path, monkeypatch):
+    """A model id resolves to its snapshot in the Hugging Face cache (no network); a partial download
+    there is reported like a local folder's, and an uncached id fails at once offline."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-flux"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = fake_folder(repo / "snapshots" / ("0" * 40))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert check_pipeline_files("acme/tiny-flux", "FluxPipeline", family="flux1") == snapshot
+    (snapshot / "transformer" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="transformer .* incomplete"):
+        check_pipeline_files("acme/tiny-flux", "FluxPipeline", family="flux1")
+    with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*hf download acme/other"):
+        check_pipeline_files("acme/other", "FluxPipeline", family="flux1")
