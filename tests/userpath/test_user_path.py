@@ -418,3 +418,14 @@ def test_default_reward_without_weights_stops_before_the_model_loads(folders, tm
     assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
     assert err[0].startswith("flowbp-train: error: reward_kwargs.checkpoint_path: ")
     assert "Loading" not in proc.stdout + proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_text_encoder_cast_to_fp16_keeps_its_fp32_modules(folders):
+    """T5 under fp16: the feed-forward output ``wo`` stays fp32 (transformers' _keep_in_fp32_modules)."""
+    from flowbp_train.models.base import place_text_encoder
+
+    t5 = _pipeline("flux1", folders["flux1"]).text_encoder_2
+    place_text_encoder(t5, torch.device("cpu"), torch.float16)
+    dtypes = {n: p.dtype for n, p in t5.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if ".wo." in n)
+    assert all(d == torch.float16 for n, d in dtypes.items() if ".wo." not in n)

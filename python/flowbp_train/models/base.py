@@ -197,7 +197,7 @@ class FlowAdapter(ABC):
             t0 = time.perf_counter()
             if getattr(self, "prompt_encoder", None) is None:  # a given prompt_encoder replaces them
                 for enc in self.text_encoders():
-                    place_module(enc, self.device, self.dtype)
+                    place_text_encoder(enc, self.device, self.dtype)
             with torch.no_grad():
                 out = encode(missing)
             for q, p in enumerate(missing):
@@ -216,6 +216,23 @@ def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dty
         module.to(device)
     if any(p.is_floating_point() and p.dtype != dtype for p in params):
         module.to(dtype)
+    return module
+
+
+def place_text_encoder(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move a text encoder to ``device``; cast it to ``dtype`` only when none of its weights has that dtype
+    (a pipeline loaded in ``dtype`` keeps what transformers chose, e.g. T5's ``wo`` in fp32 under fp16),
+    and after a cast to fp16 put its ``_keep_in_fp32_modules`` back in fp32 (T5's feed-forward overflows)."""
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    if any(p.device != device for p in module.parameters()):
+        module.to(device)
+    if params and dtype not in {p.dtype for p in params}:
+        module.to(dtype)
+        if dtype == torch.float16:
+            keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+            for name, sub in module.named_modules():
+                if name.rsplit(".", 1)[-1] in keep:
+                    sub.float()
     return module
 
 
