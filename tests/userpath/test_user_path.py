@@ -166,7 +166,7 @@ def _compare(runs: dict, root: Path) -> tuple[list, subprocess.CompletedProcess 
     if not cmds:
         return [], None
     c = cmds[0]
-    runs_given = [a for a in c[2:c.index("--output-dir")]]
+    runs_given = c[2:c.index("--output-dir")]
     assert all(d in dirs for d in runs_given), f"compare names runs no README eval command writes: {runs_given}"
     argv = ["flowbp-eval", "compare", *(str(dirs[d]) for d in runs_given), "--output-dir", str(root)]
     return c, run_cli(argv, [])
