@@ -1,7 +1,7 @@
 """Peak memory and time of one training step per family, method and executor, at 512 and 1024.
 
 Builds each family's transformer from its published architecture (benchmarks/configs/*.json; random
-weights, no download), adds LoRA (rank 32, diffusers' default targets, as the trainer does), and runs
+weights, no download), adds LoRA (rank 32, the adapters' default targets, as the trainer does), and runs
 one trainer step without VAE and reward model: cached rollout -> plan -> reward_backprop -> AdamW, with
 a synthetic reward on the latents (so the numbers are the transformer's share; add the VAE decode and
 the reward model for a full step). ``--size tiny`` shrinks every width/depth for a CPU smoke run;
@@ -26,10 +26,6 @@ import flowbp_kernels as fb
 
 HERE = Path(__file__).resolve().parent
 FAMILIES = {"flux1": "flux1-dev", "sd3": "sd3.5-medium", "flux2": "flux2-klein-base-9b"}
-LORA_TARGETS = {  # the adapters' defaults (diffusers' training examples)
-    "flux1": "flowbp_train.models.flux:FluxAdapter", "sd3": "flowbp_train.models.sd3:SD3Adapter",
-    "flux2": "flowbp_train.models.flux2:Flux2Adapter",
-}
 
 
 def git_rev() -> str:
@@ -52,7 +48,7 @@ def build(family: str, size: str, device, dtype):
     model = getattr(diffusers, spec["class"])(**cfg).to(device, dtype)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian",
-                                 target_modules=list(adapter_class(family).default_lora_targets)))
+                                 target_modules=adapter_class(family).lora_targets(model)))
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()

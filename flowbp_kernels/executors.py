@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -190,18 +190,30 @@ def _node_input(node, seg_anchor: torch.Tensor, ro: Rollout) -> torch.Tensor:
     return x.to(ld)
 
 
+def _renoise_noise(sur: Surrogate, ro: Rollout, generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+    """DRaFT-LV's noise, one tensor like ``x_N`` per copy: from the plan's explicit seed when it has one,
+    else from ``generator`` (each rank's own; drawn on its device, then moved), else torch's global RNG."""
+    if not sur.renoise:
+        return ()
+    x_n = ro.sample
+    if sur.renoise_seed is not None:
+        gen, device = torch.Generator(device=x_n.device).manual_seed(int(sur.renoise_seed)), x_n.device
+    elif generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"noise_generator must be a torch.Generator or None, got {type(generator).__name__}")
+        gen, device = generator, generator.device
+    else:
+        gen, device = None, x_n.device
+    return tuple(torch.randn(x_n.shape, generator=gen, device=device, dtype=x_n.dtype).to(x_n.device)
+                 for _ in range(sur.renoise))
+
+
 def _renoised_inputs(sur: Surrogate, ro: Rollout) -> list[torch.Tensor]:
     if not sur.renoise:
         return []
-    m = sur.renoise_index
-    s_m = float(ro.sigmas[m])
+    s_m = float(ro.sigmas[sur.renoise_index])
     x_n = ro.sample
-    gen = torch.Generator(device=x_n.device).manual_seed(int(sur.renoise_seed))
-    outs = []
-    for _ in range(sur.renoise):
-        eps = torch.randn(x_n.shape, generator=gen, device=x_n.device, dtype=x_n.dtype)
-        outs.append((1 - s_m) * x_n + s_m * eps)
-    return outs
+    return [(1 - s_m) * x_n + s_m * eps for eps in sur.renoise_noise]
 
 
 def _check_reward(r: torch.Tensor, batch: int) -> torch.Tensor:
@@ -221,6 +233,7 @@ def reward_backprop(
     executor: str = "streaming",
     loss="neg",
     generator: torch.Generator | None = None,
+    noise_generator: torch.Generator | None = None,
     params: Iterable[torch.Tensor] | None = None,
     loss_scale: float = 1.0,
     keep_node_grads: bool = False,
@@ -238,6 +251,9 @@ def reward_backprop(
         executor: ``"streaming"`` (default; one model graph at a time) or ``"retain"``.
         loss: ``"neg"`` (``-mean(w r)``) or ``("hinge", c)`` (``mean(w relu(c - r))``).
         generator: the index sampler's generator when ``plan`` is None.
+        noise_generator: where DRaFT-LV's re-noising noise comes from when the plan has no explicit
+            ``noise_seed``: each rank's own generator, so that ranks sharing a plan see different noise
+            (default: torch's global RNG).
         params: the trainable parameters, for per-node gradient norms (default: the module's
             parameters if ``velocity_fn`` is an ``nn.Module``, else those found in its graph).
         loss_scale: multiplies the loss (e.g. ``1 / cfg_scale`` for CFG gradient compensation).
@@ -274,6 +290,8 @@ def reward_backprop(
     else:
         method.check_plan(plan, n)
     sur = method.surrogate(plan, rollout.sigmas)
+    if sur.renoise:
+        sur = replace(sur, renoise_noise=_renoise_noise(sur, rollout, noise_generator))
     if params is None and isinstance(velocity_fn, torch.nn.Module):
         params = [p for p in velocity_fn.parameters() if p.requires_grad]
     if params is not None:

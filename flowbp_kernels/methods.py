@@ -45,7 +45,7 @@ METHODS = tuple(DEFAULTS)
 EXPLICIT = {
     "refl": ("tau",),
     "draft-k": ("active",),
-    "draft-lv": (),
+    "draft-lv": ("noise_seed",),
     "drtune": ("stop", "active"),
     "full": (),
     "leapalign": ("k", "j"),
@@ -79,7 +79,8 @@ BRIDGE_MIN_WINDOW = 3
 class Plan:
     """The random choices of one step. ``active`` holds explicit active indices where the method
     samples them (sparse, bridge, draft-k, drtune); ``k``/``j`` the leap indices; ``tau`` ReFL's
-    index; ``stop`` DRTune's early-stop index; ``noise_seed`` DRaFT-LV's re-noising seed."""
+    index; ``stop`` DRTune's early-stop index; ``noise_seed`` an explicit seed of DRaFT-LV's re-noising
+    noise (None: the noise comes from ``reward_backprop``'s ``noise_generator``, each rank's own)."""
 
     method: str
     num_steps: int
@@ -235,7 +236,12 @@ class Method:
             if bad:
                 raise ValueError(f"active indices {bad} are outside the training window [{s}, {n})")
             explicit["active"] = tuple(sorted(act))
-        for key in ("k", "j", "tau", "stop"):
+        for key in ("k", "j", "tau", "stop", "noise_seed"):
+            if key == "noise_seed" and key in explicit:
+                val = explicit[key]
+                if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                    raise ValueError(f"noise_seed must be an integer >= 0, got {val!r}")
+                continue
             if key in explicit:
                 val = explicit[key]
                 if isinstance(val, bool) or not isinstance(val, int):
@@ -249,9 +255,8 @@ class Method:
         if name == "draft-k":
             act = explicit.get("active") or tuple(range(max(s, n - o["num_active"]), n))
             return replace(base, active=act)
-        if name == "draft-lv":
-            seed = _randint(gen, 0, 2**31 - 1)
-            return replace(base, active=(n - 1,), noise_seed=seed)
+        if name == "draft-lv":  # the plan is the same on every rank; the noise is per rank (reward_backprop)
+            return replace(base, active=(n - 1,), noise_seed=explicit.get("noise_seed"))
         if name == "refl":
             tau = explicit.get("tau")
             if tau is None:
@@ -320,7 +325,7 @@ class Method:
         needs = {
             "full": False,
             "draft-k": False,
-            "draft-lv": True,
+            "draft-lv": False,
             "refl": "tau" not in explicit,
             "drtune": "stop" not in explicit or "active" not in explicit,
             "flowbp-sparse": "active" not in explicit,

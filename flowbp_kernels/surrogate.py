@@ -76,7 +76,8 @@ class Surrogate:
         reward_input: ``"endpoint"`` (the pinned sample) or ``"posterior"`` (an unpinned estimate).
         split: index of the intermediate pin whose residual is ``d_j`` (None if there is none).
         similarity_tau: ``tau`` of the trajectory-similarity weight, or None (weight 1).
-        renoise: number of DRaFT-LV re-noised copies of the last step, with their node index.
+        renoise: number of DRaFT-LV re-noised copies of the last step, with their node index, the
+            plan's explicit noise seed (or None) and the noise itself once drawn (``renoise_noise``).
     """
 
     segments: tuple[Segment, ...]
@@ -86,6 +87,7 @@ class Surrogate:
     renoise: int = 0
     renoise_index: int | None = None
     renoise_seed: int | None = None
+    renoise_noise: tuple = field(default=(), compare=False)
     info: dict = field(default_factory=dict, compare=False)
 
     @property

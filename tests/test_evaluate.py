@@ -197,3 +197,18 @@ def test_bad_inputs(tmp_path):
                                                                                      "w": 2.5})
     with pytest.raises(ValueError, match="--reward"):
         ev.parse_reward_spec("hpsv2:oops")
+
+
+def test_the_evaluation_protocol_of_each_family():
+    """flowbp-eval's defaults are the authors' protocol (REFERENCE.md 6.1): SD3.5 40 steps at CFG 3.5,
+    FLUX.1 and FLUX.2 50 steps at guidance 4.0, 512 px in bf16; a given value wins."""
+    from flowbp_train.evaluate import protocol
+
+    want = {"sd3": (40, 3.5), "flux1": (50, 4.0), "flux2": (50, 4.0)}
+    for family, (steps, guidance) in want.items():
+        got = protocol(family)
+        assert (got["num_steps"], got["guidance_scale"], got["resolution"], got["dtype"]) == (steps, guidance, 512,
+                                                                                              "bf16")
+    assert protocol("sd3", num_steps=8, guidance_scale=None)["num_steps"] == 8
+    assert protocol("sd3", guidance_scale=None)["guidance_scale"] == 3.5
+    assert protocol("mini")["resolution"] == 16

@@ -13,9 +13,17 @@ TOL = 1e-10
 PINNED = ["draft-k", "draft-lv", "full", "leapalign", "flowbp-sparse", "flowbp-bridge", "flowbp-lagrange"]
 
 
+NOISE_SEED = 11  # DRaFT-LV's re-noising generator (a rank's own) when the plan carries no noise_seed
+
+
+def noise_generator():
+    return torch.Generator().manual_seed(NOISE_SEED)
+
+
 def run(net, ro, reward, name, plan, executor, loss="neg", **opts):
     net.zero_grad()
-    out = fb.reward_backprop(fb.get_method(name, **opts), net, ro, reward, plan=plan, executor=executor, loss=loss)
+    out = fb.reward_backprop(fb.get_method(name, **opts), net, ro, reward, plan=plan, executor=executor, loss=loss,
+                             noise_generator=noise_generator())
     return flat_grad(net), out
 
 
@@ -69,7 +77,7 @@ def authors_loss(name, plan, net, ro, R, opts, loss="neg"):
     elif name == "draft-lv":
         m = n - 1
         rin = pin(X[m] + h[m] * net(X[m], m), xN)
-        gen = torch.Generator().manual_seed(plan.noise_seed)
+        gen = noise_generator() if plan.noise_seed is None else torch.Generator().manual_seed(plan.noise_seed)
         for _ in range(o["num_noised"]):
             eps = torch.randn(xN.shape, generator=gen, dtype=xN.dtype)
             xc = (1 - sig[m]) * xN + sig[m] * eps
@@ -143,7 +151,7 @@ def explicit_plans(name, n):
     plans = {
         "full": [{}],
         "draft-k": [{"active": [n - 1]}, {"active": [n - 3, n - 2, n - 1]}, {"active": [n - 4, n - 1]}],
-        "draft-lv": [{}],
+        "draft-lv": [{}, {"noise_seed": 5}],
         "refl": [{"tau": n - 1}, {"tau": 3}],
         "drtune": [{"stop": n - 2, "active": [1, 4, 7]}, {"stop": 5, "active": [5]}],
         "leapalign": [{"k": 0, "j": n - 1}, {"k": 2, "j": 7}, {"k": 5, "j": 6}],
@@ -427,3 +435,31 @@ def test_non_finite_reward_gradient_leaves_no_gradient(setup):
         fb.reward_backprop(fb.get_method("flowbp-sparse"), net, ro, lambda x: _NaNGrad.apply(x).flatten(1).sum(1),
                            executor="streaming", generator=torch.Generator().manual_seed(0))
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_draft_lv_noise_comes_from_the_rank_generator_and_the_plan_stays_shared(setup):
+    """The index sampler's plan is the same on every rank (it draws nothing for DRaFT-LV); the re-noising
+    noise is drawn from the generator each rank passes, so two ranks see different noise and the same
+    generator state reproduces the same step."""
+    net, ro, R, _ = setup
+    m = fb.get_method("draft-lv")
+    plans = [m.plan(ro.num_steps, torch.Generator().manual_seed(114)) for _ in range(2)]
+    assert plans[0] == plans[1] and plans[0].noise_seed is None
+
+    def copies(gen):
+        net.zero_grad()
+        out = fb.reward_backprop(m, net, ro, R, plan=plans[0], noise_generator=gen)
+        return torch.stack(out.diagnostics["renoised_rewards"]), flat_grad(net)
+
+    rank0, g0 = copies(torch.Generator().manual_seed(1))
+    rank1, g1 = copies(torch.Generator().manual_seed(1001))
+    again, g_again = copies(torch.Generator().manual_seed(1))
+    assert not torch.allclose(rank0, rank1) and not torch.allclose(g0, g1)
+    # same generator state, same operations in the same order on this machine: bit-identical
+    assert torch.equal(rank0, again) and torch.equal(g0, g_again)
+    explicit = m.plan(ro.num_steps, noise_seed=3)  # an explicit seed wins over the generator
+    outs = [fb.reward_backprop(m, net, ro, R, plan=explicit, noise_generator=torch.Generator().manual_seed(s))
+            for s in (1, 2)]
+    assert torch.equal(*(torch.stack(o.diagnostics["renoised_rewards"]) for o in outs))
+    with pytest.raises(ValueError, match="noise_seed"):
+        m.plan(ro.num_steps, noise_seed=-1)

@@ -60,6 +60,10 @@ def train_main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         cfg = load_config(args.recipe, args.overrides)
+        if not args.dry_run:  # every file the run needs (model folder, reward weights), before any import
+            from flowbp_train.trainer import preflight
+
+            preflight(cfg)
     except ConfigError as exc:
         print(f"flowbp-train: error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """``flowbp-eval``: sample a prompt set from a model adapter, score it with several rewards, write reports.
 
 One image per prompt with a fixed per-prompt seed (``seed + index``), sampled with
-``flowbp_kernels.rollout`` under no_grad, decoded by the adapter, quantised to 8 bits (the PNG that is
+``flowbp_kernels.rollout`` under no_grad (by default with each family's evaluation protocol,
+:data:`EVAL_PROTOCOL`), decoded by the adapter, quantised to 8 bits (the PNG that is
 written is exactly the image that is scored, so a resumed run scores saved images identically). Outputs
 in ``output_dir``: ``images/<index>.png``, ``scores.csv`` (one row per prompt), ``summary.json`` (mean and
 standard error ``std(ddof=1) / sqrt(n)`` per reward), ``grid.png``; given other runs, ``comparison.md``
@@ -26,10 +27,24 @@ from flowbp_kernels import rollout
 from flowbp_train.models.base import FlowAdapter
 from flowbp_train.rewards import Reward, get_reward
 
-__all__ = ["compare_runs", "evaluate", "load_prompts", "main", "parse_reward_spec", "summarize"]
+__all__ = ["EVAL_PROTOCOL", "compare_runs", "evaluate", "load_prompts", "main", "parse_reward_spec", "protocol",
+           "summarize"]
 
 CSV_NAME, SUMMARY_NAME, GRID_NAME = "scores.csv", "summary.json", "grid.png"
 FIXED_COLUMNS = ["index", "seed", "prompt", "image"]
+#: Each family's evaluation sampling, what flowbp-eval uses unless told otherwise: the authors' protocol
+#: (shared/design/REFERENCE.md sections 1.5 and 6.1: SD3.5 40 steps at CFG 3.5, FLUX.1 and FLUX.2 50
+#: steps at guidance 4.0, 512 px, bf16); the miniature samples as it trains (10 steps, CFG off, 16 px, fp32).
+#: ``max_sequence_length`` None: the adapter's default (512 for every diffusers family).
+EVAL_PROTOCOL: dict[str, dict] = {
+    "flux1": {"num_steps": 50, "guidance_scale": 4.0, "resolution": 512, "dtype": "bf16"},
+    "sd3": {"num_steps": 40, "guidance_scale": 3.5, "resolution": 512, "dtype": "bf16"},
+    "flux2": {"num_steps": 50, "guidance_scale": 4.0, "resolution": 512, "dtype": "bf16"},
+    "mini": {"num_steps": 10, "guidance_scale": 1.0, "resolution": 16, "dtype": "fp32"},
+}
+#: settings of a family without an entry (a registered adapter): the adapter's own guidance and size
+FALLBACK_PROTOCOL = {"num_steps": 28, "guidance_scale": None, "resolution": None, "dtype": "bf16"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
@@ -140,9 +155,9 @@ def _reward_dict(rewards: Sequence[Reward] | Mapping[str, Reward]) -> dict[str, 
 @torch.no_grad()
 def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
              rewards: Sequence[Reward] | Mapping[str, Reward], output_dir: str | os.PathLike, *,
-             num_steps: int = 28, seed: int = 0, batch_size: int = 4, name: str | None = None,
+             num_steps: int | None = None, seed: int = 0, batch_size: int = 4, name: str | None = None,
              compare_with: Sequence[str | os.PathLike] = (), progress: bool = True,
-             grid_images: int = 16) -> dict:
+             grid_images: int = 16, weights: Mapping | None = None) -> dict:
     """Sample, score and report one run; returns the summary written to ``summary.json``.
 
     Args:
@@ -150,11 +165,16 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
         prompts: a list of prompts or a text file (one prompt per line).
         rewards: ``Reward`` instances (column = ``reward.name``) or a dict column name -> reward.
         output_dir: where images, CSV, JSON and grid go; an existing run there is resumed.
-        num_steps: sampling steps (the adapter's schedule); seed: prompt k uses ``seed + k``.
+        num_steps: sampling steps (the adapter's schedule; None: the family's protocol, EVAL_PROTOCOL);
+            seed: prompt k uses ``seed + k``.
         batch_size: prompts sampled together; name: the run's label (default: the directory name).
         compare_with: other run directories to compare this run against (``comparison.md/.png``).
         progress: tqdm progress bar; grid_images: images in ``grid.png``.
+        weights: what was loaded on top of the base model, recorded in the summary (flowbp-eval: the LoRA
+            file and whether it holds the raw or the EMA weights, or the transformer weights).
     """
+    if num_steps is None:
+        num_steps = EVAL_PROTOCOL.get(getattr(adapter, "family", ""), FALLBACK_PROTOCOL)["num_steps"]
     if not isinstance(adapter, FlowAdapter):
         raise TypeError(f"adapter: expected a FlowAdapter, got {type(adapter).__name__}")
     prompt_list = load_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
@@ -197,6 +217,17 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
             bar = None
     from PIL import Image
 
+    to_sample = [prompt_list[i] for i in todo if not (out / "images" / f"{i:05d}.png").is_file()]
+    for start in range(0, len(to_sample), batch_size):  # every prompt once, then free the text encoders
+        adapter.encode_prompts(to_sample[start:start + batch_size])
+    if to_sample:
+        adapter.offload_text_encoders()
+        if progress and getattr(adapter, "encoded_prompts", 0):
+            import sys
+
+            where = "" if torch.device(adapter.device).type == "cpu" else "; text encoders offloaded to the CPU"
+            print(f"flowbp-eval: encoded {adapter.encoded_prompts} prompts on {adapter.device} in "
+                  f"{adapter.encode_seconds:.1f} s{where}", file=sys.stderr, flush=True)
     sigmas = adapter.sigmas(num_steps)
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
@@ -233,6 +264,11 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
         "num_prompts": len(prompt_list),
         "num_steps": num_steps,
         "seed": seed,
+        "sampling": {"family": getattr(adapter, "family", None), "resolution": getattr(adapter, "resolution", None),
+                     "guidance_scale": getattr(adapter, "guidance_scale", None),
+                     "dtype": str(getattr(adapter, "dtype", "")).removeprefix("torch."),
+                     "max_sequence_length": getattr(adapter, "max_sequence_length", None)},
+        "weights": dict(weights) if weights else {"kind": "base"},
         "rewards": {k: summarize([float(rows[i][k]) for i in range(len(prompt_list))]) for k in reward_map},
     }
     (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -328,16 +364,49 @@ def _load_transformer_weights(adapter: FlowAdapter, path: str) -> None:
     adapter.transformer.load_state_dict(state)
 
 
-def _load_lora(adapter: FlowAdapter, path: str) -> None:
-    if hasattr(adapter, "load_lora_weights"):
-        adapter.load_lora_weights(path)
-        return
-    pipe = getattr(adapter, "pipeline_class", None)
-    if pipe is None or not hasattr(pipe, "lora_state_dict"):
-        raise ValueError(f"--lora: the {adapter.family!r} adapter cannot load LoRA weights")
-    state = pipe.lora_state_dict(path)
-    state = state[0] if isinstance(state, tuple) else state
-    pipe.load_lora_into_transformer(state, transformer=adapter.transformer)
+def protocol(family: str, **given) -> dict:
+    """The sampling settings of ``family``'s evaluation protocol (:data:`EVAL_PROTOCOL`) with every value
+    in ``given`` that is not None on top: ``num_steps``, ``guidance_scale``, ``resolution``, ``dtype``."""
+    out = {**FALLBACK_PROTOCOL, **EVAL_PROTOCOL.get(family, {})}
+    unknown = set(given) - set(out)
+    if unknown:
+        raise TypeError(f"protocol: unknown settings {sorted(unknown)}")
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
+
+
+def _load_lora(adapter: FlowAdapter, path: str, weights: str = "auto") -> dict:
+    """Attach the LoRA of ``path`` (a file, a run folder or ``checkpoint-N``: its EMA weights when it has
+    them, unless ``weights`` says otherwise); returns what was loaded, for the summary."""
+    from flowbp_train.lora_files import read_lora_metadata, resolve_lora_file
+
+    file, kind = resolve_lora_file(path, weights)
+    _, info = read_lora_metadata(file)
+    adapter.load_lora_weights(str(file))
+    out = {"kind": "lora", "path": str(file), "lora_weights": kind}
+    for key in ("step", "rank", "lora_alpha", "method"):
+        if info and key in info:
+            out[key] = info[key]
+    return out
+
+
+def _check_files(family: str, model: str, specs: list[tuple[str, dict]], prompts: str, *, lora: str | None = None,
+                 lora_weights: str = "auto", transformer: str | None = None) -> None:
+    """Every file the evaluation needs, before anything heavy loads (one line naming the argument)."""
+    from flowbp_train.lora_files import resolve_lora_file
+    from flowbp_train.models import adapter_class
+    from flowbp_train.rewards import check_reward_files
+
+    load_prompts(prompts)
+    if lora is not None:
+        resolve_lora_file(lora, lora_weights)
+    if transformer is not None and not Path(transformer).exists():
+        raise FileNotFoundError(f"--transformer: no such file or directory {transformer!r}")
+    check = getattr(adapter_class(family), "check_files", None)
+    if callable(check):
+        check(model, key="--model")
+    for name, kw in specs:
+        check_reward_files(name, key_prefix=f"--reward {name}:", **kw)
 
 
 def _check_args(a, specs: list[tuple[str, dict]]) -> None:
@@ -407,13 +476,24 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", required=True, help="model family: flux1, sd3, flux2, mini")
     ap.add_argument("--model", "--pretrained_model_name_or_path", dest="model", required=True,
                     help="base model id or local path")
-    ap.add_argument("--lora", help="directory or file of LoRA weights (pytorch_lora_weights.safetensors)")
+    ap.add_argument("--lora", help="LoRA weights: a file, a run folder or a checkpoint-N folder of flowbp-train")
+    ap.add_argument("--lora-weights", "--lora_weights", dest="lora_weights", default="auto",
+                    choices=["auto", "ema", "raw"],
+                    help="which LoRA of a checkpoint: auto (the EMA weights when it has them), ema or raw")
     ap.add_argument("--transformer", help="fine-tuned transformer weights (.safetensors / directory)")
     ap.add_argument("--prompts", required=True, help="text file, one prompt per line")
     ap.add_argument("--reward", action="append", required=True, metavar="NAME[:key=value,...]",
                     help="a reward and its options, e.g. hpsv2:checkpoint_path=/w/HPS_v2.1_compressed.pt; repeat")
     ap.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True)
-    ap.add_argument("--num-steps", "--num_steps", dest="num_steps", type=int, default=28)
+    ap.add_argument("--num-steps", "--num_steps", dest="num_steps", type=int, default=None,
+                    help="sampling steps (default: the family's protocol: SD3.5 40, FLUX.1 / FLUX.2 50)")
+    ap.add_argument("--guidance-scale", "--guidance_scale", dest="guidance_scale", type=float, default=None,
+                    help="guidance (default: the family's protocol: SD3.5 3.5, FLUX.1 / FLUX.2 4.0)")
+    ap.add_argument("--resolution", type=int, default=None, help="image side in pixels (default 512; mini 16)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="transformer dtype (default bf16; the miniature fp32)")
+    ap.add_argument("--max-sequence-length", "--max_sequence_length", dest="max_sequence_length", type=int,
+                    default=None, help="text tokens (default: the family's, 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=4)
     ap.add_argument("--name", help="run label in comparisons (default: output directory name)")
@@ -425,24 +505,37 @@ def _main(argv: list[str] | None = None) -> int:
         specs = [parse_reward_spec(s) for s in a.reward]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    for key, value in protocol(a.family, num_steps=a.num_steps,
+                               guidance_scale=a.guidance_scale, resolution=a.resolution, dtype=a.dtype).items():
+        setattr(a, key, value)
     _check_args(a, specs)
+    try:  # every file, before the reward and the model load
+        _check_files(a.family, a.model, specs, a.prompts, lora=a.lora, lora_weights=a.lora_weights,
+                     transformer=a.transformer)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
 
-    from flowbp_train.models import build_adapter
-
-    adapter = build_adapter(a.family, a.model, device=a.device)
-    if a.transformer:
-        _load_transformer_weights(adapter, a.transformer)
-    if a.lora:
-        _load_lora(adapter, a.lora)
     rewards = {}
-    for name, kw in specs:
+    for name, kw in specs:  # the rewards first: they fail in seconds, the model after minutes
         key = name if name not in rewards else f"{name}_{len(rewards)}"
         reward = get_reward(name, **kw).to(a.device)  # device as an option works too, for rewards taking one
         reward.clear_text_cache()
         rewards[key] = reward
+    from flowbp_train.models import build_adapter
+
+    kw = {k: getattr(a, k) for k in ("guidance_scale", "resolution", "max_sequence_length")
+          if getattr(a, k) is not None}
+    adapter = build_adapter(a.family, a.model, device=a.device, dtype=DTYPES[a.dtype], **kw)
+    weights = None
+    if a.transformer:
+        _load_transformer_weights(adapter, a.transformer)
+        weights = {"kind": "transformer", "path": str(a.transformer)}
+    if a.lora:
+        lora = _load_lora(adapter, a.lora, a.lora_weights)
+        weights = lora if weights is None else {**weights, "lora": lora}
     summary = evaluate(adapter, a.prompts, rewards, a.output_dir, num_steps=a.num_steps, seed=a.seed,
                        batch_size=a.batch_size, name=a.name, compare_with=a.compare_with,
-                       progress=not a.no_progress)
+                       progress=not a.no_progress, weights=weights)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -1,8 +1,11 @@
 """The training loop: cached rollout -> method plan -> executor -> clip -> AdamW -> EMA -> log/checkpoint.
 
-One step (shared/design/ALGORITHM.md sections 2-5): sample prompts and noise, roll the model out without
+Before anything heavy loads, :func:`preflight` finds every file the run needs (prompts, the model
+folder and its components, the reward's weights); the reward is built before the model. One step
+(shared/design/ALGORITHM.md sections 2-5): sample prompts and noise, roll the model out without
 gradient caching every latent and velocity, draw the method's plan from the index sampler (its own
-CPU generator, seeded identically on every rank), let ``flowbp_kernels.reward_backprop`` accumulate the
+CPU generator, seeded identically on every rank; DRaFT-LV's re-noising noise comes from each rank's
+own noise generator), let ``flowbp_kernels.reward_backprop`` accumulate the
 parameter gradients, then clip (default 1.0), step AdamW and the EMA. A non-finite loss or gradient
 skips the step; ``max_nonfinite_steps`` in a row stop the run. Under torchrun the transformer is
 wrapped by DDP or sharded by FSDP2 (``distributed_strategy``, see ``flowbp_train.distributed``); the
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 import weakref
@@ -30,8 +34,12 @@ from flowbp_kernels import NonFiniteLossError, get_method, reward_backprop, roll
 from flowbp_train import checkpoint as ckpt
 from flowbp_train import distributed as D
 from flowbp_train import rundir
-from flowbp_train.config import TrainConfig, check_lora_targets, dump_yaml, load_prompts, validate
+from flowbp_train.config import ConfigError, TrainConfig, check_lora_targets, dump_yaml, load_prompts, validate
+from flowbp_train.lora_files import EMA_LORA_FILE, LORA_FILE
 from flowbp_train.models.base import FlowAdapter
+
+#: prompts encoded per text-encoder call at the start of a run (bounds the encoders' activation memory)
+PROMPT_CHUNK = 8
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -67,9 +75,39 @@ def sync_gradients(params: list[torch.Tensor], world_size: int) -> None:
             torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
 
 
+def preflight(cfg: TrainConfig, *, model: bool = True, reward: bool = True) -> None:
+    """Find every file the run needs before anything heavy is loaded: the prompts file, the model folder
+    (or cached model id) with each component's config and weights, the reward's weight files and optional
+    packages. Raises :class:`ConfigError` with one line naming the key (``reward_kwargs.checkpoint_path``)."""
+    if isinstance(cfg.prompts, str) and cfg.prompts != "demo" and not Path(cfg.prompts).is_file():
+        raise ConfigError(f"prompts: file not found: {cfg.prompts}")
+    if model:
+        from flowbp_train.models import adapter_class
+
+        check = getattr(adapter_class(cfg.family), "check_files", None)
+        try:
+            if callable(check):
+                check(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+        except (OSError, ValueError) as exc:  # the messages start with the key
+            raise ConfigError(_one_line(exc)) from None
+    if reward:
+        from flowbp_train.rewards import check_reward_files
+
+        try:
+            check_reward_files(cfg.reward, key_prefix="reward_kwargs.", **cfg.reward_kwargs)
+        except (OSError, ImportError, ValueError, TypeError) as exc:
+            msg = _one_line(exc).removeprefix("name: ")
+            raise ConfigError(msg if msg.startswith("reward") else f"reward: {msg}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def add_trainable(adapter: FlowAdapter, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """LoRA via peft (``rank > 0``; diffusers' default targets unless ``lora_target_modules``) or full
-    fine-tuning (``rank: 0``). Frozen modules are frozen; LoRA weights train in fp32."""
+    """LoRA via peft (``rank > 0``; the family's default targets, ``adapter.lora_targets``, unless
+    ``lora_target_modules``) or full fine-tuning (``rank: 0``). Frozen modules are frozen; LoRA weights
+    train in fp32."""
     tr = adapter.transformer
     for m in adapter.frozen_modules():
         m.requires_grad_(False)
@@ -79,7 +117,7 @@ def add_trainable(adapter: FlowAdapter, cfg: TrainConfig) -> list[torch.nn.Param
         from peft import LoraConfig
 
         tr.requires_grad_(False)
-        targets = list(cfg.lora_target_modules or adapter.default_lora_targets)
+        targets = list(cfg.lora_target_modules or adapter.lora_targets(tr))
         tr.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_lora_alpha, lora_dropout=cfg.lora_dropout,
                                   init_lora_weights="gaussian", target_modules=targets))
         for p in tr.parameters():
@@ -261,9 +299,17 @@ class Trainer:
         self.method = get_method(cfg.method, **cfg.method_options)
         self.prompts = shard_prompts(load_prompts(cfg.prompts), self.rank, self.world_size)
         self.loss_spec = "neg" if cfg.loss == "neg" else ("hinge", cfg.loss_margin)
+        preflight(cfg, model=adapter is None, reward=reward is None)  # every file, before any weight loads
         self.tracker = Tracker(cfg, self.out, self.is_main)  # fails early on a missing wandb
         bf16 = cfg.mixed_precision == "bf16"
         self.latent_dtype = torch.bfloat16 if bf16 else torch.float32
+        if reward is None:  # the reward first: its failures cost seconds, the transformer's tens of GB
+            from flowbp_train.rewards import get_reward
+
+            reward = get_reward(cfg.reward, **cfg.reward_kwargs)
+        if isinstance(reward, torch.nn.Module):
+            reward.to(self.device).requires_grad_(False).eval()
+        self.reward = reward
         if adapter is None:
             from flowbp_train.models import build_adapter
 
@@ -275,13 +321,6 @@ class Trainer:
         check_lora_targets(adapter.transformer, cfg.lora_target_modules if cfg.rank else None)
         random.seed(cfg.seed)  # LoRA initialisation (and anything else on the global RNGs) per seed
         torch.manual_seed(cfg.seed)
-        if reward is None:
-            from flowbp_train.rewards import get_reward
-
-            reward = get_reward(cfg.reward, **cfg.reward_kwargs)
-        if isinstance(reward, torch.nn.Module):
-            reward.to(self.device).requires_grad_(False).eval()
-        self.reward = reward
         add_trainable(adapter, cfg)
         if cfg.gradient_checkpointing:
             adapter.enable_gradient_checkpointing()
@@ -308,9 +347,14 @@ class Trainer:
         self.global_step = 0
         self.nonfinite_in_a_row = 0
         if cfg.offload_text_encoders:  # encode every prompt of this rank once, then free the encoders
-            for i in range(0, len(self.prompts), 8):
-                adapter.encode_prompts(self.prompts[i : i + 8])
+            for i in range(0, len(self.prompts), PROMPT_CHUNK):
+                adapter.encode_prompts(self.prompts[i : i + PROMPT_CHUNK])
             adapter.offload_text_encoders()
+            if self.is_main and adapter.encoded_prompts:
+                where = "" if adapter.device.type == "cpu" else "; text encoders offloaded to the CPU"
+                print(f"flowbp-train: encoded {adapter.encoded_prompts} prompts (the empty negative prompt "
+                      f"included) in {adapter.encode_seconds:.1f} s on {adapter.device}, "
+                      f"{str(adapter.dtype).removeprefix('torch.')}{where}", file=sys.stderr, flush=True)
 
     # -------------------------------------------------------------- one step
     def _micro_step(self, loss_scale: float, last: bool = True) -> tuple:
@@ -330,6 +374,7 @@ class Trainer:
         with outer:
             out = reward_backprop(self.method, velocity, ro, lambda x: self.reward.score(ad.decode(x), prompts),
                                   plan=plan, executor=cfg.executor, loss=self.loss_spec, params=self.params,
+                                  noise_generator=self.generators["noise"],  # this rank's DRaFT-LV noise
                                   loss_scale=loss_scale, no_sync=self.no_sync if last else None,
                                   all_finite=self.all_finite)
         return out, prompts
@@ -401,9 +446,11 @@ class Trainer:
         return rec
 
     # -------------------------------------------------------------- checkpoints
-    def _write_weights(self, folder: Path, state_dict: dict | None = None) -> None:
+    def _write_weights(self, folder: Path, state_dict: dict | None = None, *, weights: str = "raw",
+                       with_ema: bool = False) -> None:
         """LoRA (diffusers format) or ``transformer/``; ``state_dict``: the full weights gathered from
-        the ranks (multi-rank export), else the module's own."""
+        the ranks (multi-rank export), else the module's own. ``weights`` labels the LoRA file (``raw``
+        or ``ema``); ``with_ema`` also writes the EMA LoRA beside the raw one (checkpoints)."""
         tr = self.adapter.transformer
         if self.cfg.rank == 0:
             if state_dict is None:
@@ -418,7 +465,19 @@ class Trainer:
         else:
             from peft.utils import get_peft_model_state_dict
 
-            self.adapter.save_lora_weights(folder, get_peft_model_state_dict(tr, state_dict=state_dict))
+            self._save_lora(folder, LORA_FILE, get_peft_model_state_dict(tr, state_dict=state_dict), weights)
+            if with_ema and self.ema is not None:
+                with self.ema.swapped_in():
+                    self._save_lora(folder, EMA_LORA_FILE, get_peft_model_state_dict(tr), "ema")
+
+    def _save_lora(self, folder: Path, name: str, state: dict, weights: str) -> None:
+        cfg = self.cfg
+        info = {"weights": weights, "step": self.global_step, "method": cfg.method,
+                "base_model": str(cfg.pretrained_model_name_or_path)}
+        if weights == "ema":
+            info["ema_decay"] = cfg.ema_decay
+        self.adapter.save_lora_weights(folder, state, weight_name=name, lora_alpha=cfg.effective_lora_alpha,
+                                       info=info)
 
     def _read_weights(self, folder: Path) -> None:
         """The trainable weights of a verified checkpoint (safetensors only; errors name the file)."""
@@ -459,7 +518,8 @@ class Trainer:
                 lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators, state=state,
                 total_limit=self.cfg.checkpoints_total_limit)
         return ckpt.save_checkpoint(
-            self.out, self.global_step, self._write_weights, optimizer=self.optimizer,
+            self.out, self.global_step, lambda folder: self._write_weights(folder, with_ema=True),
+            optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler, ema=self.ema, generators=self.generators,
             state=state, total_limit=self.cfg.checkpoints_total_limit,
         )
@@ -543,7 +603,7 @@ class Trainer:
         with ctx:
             full = D.full_state_dict(self.model) if self.world_size > 1 else None
             if self.is_main:
-                self._write_weights(self.out, full)
+                self._write_weights(self.out, full, weights="ema" if self.ema is not None else "raw")
             images = self.sample_images() if self.cfg.num_sample_images else []
         if self.is_main:
             self._model_card(len(images))

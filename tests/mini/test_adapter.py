@@ -117,3 +117,37 @@ def test_lora_save_load_round_trip(tmp_path):
         v0 = base.velocity_fn(base.encode_prompts(["digit four"]), sig)(x, 1)
     assert torch.equal(va, vb)  # bit-exact: identical weights (a file round trip), same calls
     assert not torch.allclose(va, v0)  # the LoRA does change the output
+
+
+def test_lora_trained_with_alpha_not_rank_reloads_at_its_scale(tmp_path):
+    """rank 4, lora_alpha 16 (scale 4, as trained by flowbp-train with lora_alpha != rank): the file's
+    metadata brings the scale back in flowbp-mini's loader (``flowbp-mini sample --lora``) and in
+    flowbp-eval's (``--lora``)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from flowbp_train.evaluate import _load_lora
+    from flowbp_train.mini.lora import load_lora
+
+    trained = MiniAdapter.from_pretrained("mini")
+    trained.transformer.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=list(trained.default_lora_targets)))
+    with torch.no_grad():
+        for n, p in trained.transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    trained.save_lora_weights(tmp_path, get_peft_model_state_dict(trained.transformer), lora_alpha=16)
+    batch = trained.encode_prompts(["digit seven"])
+    sig = trained.sigmas(4)
+    x = trained.initial_noise(1, generator=torch.Generator().manual_seed(0))
+
+    def velocity(ad):
+        with torch.no_grad():
+            return ad.velocity_fn(batch, sig)(x, 1)
+
+    base, want = velocity(MiniAdapter.from_pretrained("mini")), velocity(trained)
+    assert (want - base).abs().max() > 1e-3
+    by_mini, by_eval = MiniAdapter.from_pretrained("mini"), MiniAdapter.from_pretrained("mini")
+    load_lora(by_mini.transformer, tmp_path)
+    assert _load_lora(by_eval, str(tmp_path))["lora_alpha"] == 16
+    for ad in (by_mini, by_eval):  # fp32, the same layers: rounding only
+        assert torch.allclose(velocity(ad), want, atol=1e-6)

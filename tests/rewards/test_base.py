@@ -84,3 +84,27 @@ def test_weighted_sum_matches_manual():
 def test_bad_inputs_raise(images, prompts, exc, match):
     with pytest.raises(exc, match=match):
         MeanReward().score(images, prompts)
+
+
+def test_check_reward_finds_the_files_without_loading_them(tmp_path):
+    """``check_reward_files`` answers "are the files there?" from the paths alone (an empty file passes: nothing
+    is read) and names the option with the caller's prefix."""
+    import importlib.util
+
+    from flowbp_train.rewards import check_reward_files
+
+    (tmp_path / "HPS_v2.1_compressed.pt").write_bytes(b"")
+    if importlib.util.find_spec("open_clip") is None:
+        with pytest.raises(ImportError, match="open_clip"):
+            check_reward_files("hpsv2", checkpoint_path=str(tmp_path))
+    else:
+        check_reward_files("hpsv2", checkpoint_path=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"^reward_kwargs\.mlp_path: .*reward_kwargs\.allow_download=true"):
+        check_reward_files("aesthetic", key_prefix="reward_kwargs.")
+    with pytest.raises(FileNotFoundError, match=r"^--reward pickscore:processor_path: "):
+        (tmp_path / "clip").mkdir()
+        (tmp_path / "clip" / "config.json").write_text("{}")
+        check_reward_files("pickscore", key_prefix="--reward pickscore:", model_path=str(tmp_path / "clip"),
+                     processor_path=str(tmp_path / "no-tokenizer"))
+    with pytest.raises(ValueError, match="unknown reward"):
+        check_reward_files("no-such-reward")

@@ -91,3 +91,45 @@ def test_unreachable_model_id_fails_fast_with_instructions():
         build_adapter("sd3", "/no/such/folder")
     with pytest.raises(ValueError, match="unknown model family"):
         build_adapter("sdxl", "/x")
+
+
+def test_sd3_schedule_is_the_authors_and_differs_from_the_pipeline_default_as_stated():
+    """The README's exception: the SD3 adapter's sigmas are linspace(1, 1/N, N) shifted by 3 (the authors',
+    and what the pipeline computes when given those sigmas); StableDiffusion3Pipeline's own default ends at
+    about 0.009 instead of 3 / (N + 2)."""
+    ad = tiny_adapter("sd3")
+    sched = ad.pipeline.scheduler
+    ours = ad.sigmas(N).double()
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N).tolist())
+    assert torch.allclose(sched.sigmas.double(), ours, atol=1e-6)  # the scheduler keeps sigmas in fp32
+    assert float(ours[N - 1]) == pytest.approx(3 / (N + 2))
+    sched.set_timesteps(N)  # the pipeline's default (no sigmas passed)
+    default = sched.sigmas.double()
+    assert float(default[N - 1]) == pytest.approx(0.009, abs=1e-3)
+    assert float((default - ours).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_flux2_follows_the_pipeline_is_distilled(distilled):
+    """A distilled FLUX.2 config turns CFG off (no negative branch), as Flux2KleinPipeline does, and the
+    adapter still reproduces the pipeline's image."""
+    from tiny import PIPELINES, RESOLUTION, prompt_encoder
+
+    from flowbp_train.models.flux2 import Flux2Adapter
+
+    pipe = PIPELINES["flux2"](0)
+    pipe.register_to_config(is_distilled=distilled)
+    ad = Flux2Adapter(pipe, resolution=RESOLUTION, prompt_encoder=prompt_encoder(pooled=False))
+    assert ad.is_distilled is distilled and ad.uses_cfg is not distilled and ad.guidance_scale == 4.0
+    batch = ad.encode_prompts(["a cat"])
+    assert (batch.negative is None) is distilled
+    noise = ad.initial_noise(1, generator=torch.Generator().manual_seed(3))
+    sig = ad.sigmas(N)
+    with torch.no_grad():
+        ours = ad.decode(rollout(ad.velocity_fn(batch, sig), noise, sig).sample)
+    b, n, c = noise.shape
+    neg = {} if distilled else {"negative_prompt_embeds": batch.negative["encoder_hidden_states"]}
+    ref = pipe(prompt_embeds=batch.tensors["encoder_hidden_states"], num_inference_steps=N, output_type="np",
+               height=RESOLUTION, width=RESOLUTION, guidance_scale=4.0,
+               latents=noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone(), **neg).images
+    assert torch.allclose(ours, torch.from_numpy(ref).permute(0, 3, 1, 2), atol=2e-5)

@@ -147,24 +147,61 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["flux1", "sd3", "flux2"])
-def test_saved_lora_loads_in_the_pipeline_and_changes_it(tmp_path, family):
-    cfg = config(tmp_path, family, max_train_steps=2, learning_rate=5e-2, num_sample_images=1, sample_steps=3)
+def test_saved_lora_loads_in_the_pipeline_at_its_trained_scale(tmp_path, family):
+    """rank 4 with lora_alpha 16 (scale 4): the final export (EMA weights) loads with the stock pipeline's
+    load_lora_weights and reproduces the trained velocity; a checkpoint holds the raw and the EMA LoRA,
+    labelled, and flowbp-eval's loader takes the EMA one by default."""
+    from flowbp_train.evaluate import _load_lora
+    from flowbp_train.lora_files import EMA_LORA_FILE, LORA_FILE, read_lora_metadata
+
+    cfg = config(tmp_path, family, max_train_steps=2, learning_rate=5e-2, num_sample_images=1, sample_steps=3,
+                 lora_alpha=16.0, use_ema=True, ema_decay=0.5, checkpointing_steps=2)
     trainer = Trainer(cfg, adapter=tiny_adapter(family), reward=PixelReward())
     trainer.train()
     out = tmp_path / "out"
-    for name in ("pytorch_lora_weights.safetensors", "README.md", "config.yaml", "samples/sample_00.png"):
+    for name in (LORA_FILE, "README.md", "config.yaml", "samples/sample_00.png", f"checkpoint-2/{EMA_LORA_FILE}"):
         assert (out / name).is_file(), name
+    assert read_lora_metadata(out / LORA_FILE)[0]["lora_alpha"] == 16.0
+    assert [read_lora_metadata(out / "checkpoint-2" / f)[1]["weights"] for f in (LORA_FILE, EMA_LORA_FILE)] == [
+        "raw", "ema"]
     fresh = tiny_adapter(family)  # same seed: the same base weights
     batch = fresh.encode_prompts(["a cat"])
     sig = fresh.sigmas(4)
     x = fresh.initial_noise(1, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        v_base = fresh.velocity_fn(batch, sig)(x, 1)
-        v_trained = trainer.adapter.velocity_fn(batch, sig)(x, 1)
-        fresh.pipeline.load_lora_weights(str(out))
-        v_loaded = fresh.velocity_fn(batch, sig)(x, 1)
+
+    def velocity(ad):
+        with torch.no_grad():
+            return ad.velocity_fn(batch, sig)(x, 1)
+
+    v_base, v_raw = velocity(fresh), velocity(trainer.adapter)
+    with trainer.ema.swapped_in():
+        v_ema = velocity(trainer.adapter)
+    fresh.pipeline.load_lora_weights(str(out))
+    v_loaded = velocity(fresh)
     assert not torch.allclose(v_loaded, v_base, atol=1e-6)
-    assert torch.allclose(v_loaded, v_trained, atol=1e-5), float((v_loaded - v_trained).abs().max())
+    # fp32 throughout; the loaded LoRA runs the same layers, so agreement is to rounding (velocities ~1)
+    assert torch.allclose(v_loaded, v_ema, atol=1e-5), float((v_loaded - v_ema).abs().max())
+    for weights, want in (("auto", v_ema), ("raw", v_raw)):
+        ad = tiny_adapter(family)
+        info = _load_lora(ad, str(out / "checkpoint-2"), weights)
+        assert info["lora_weights"] == ("ema" if weights == "auto" else "raw") and info["step"] == 2
+        assert torch.allclose(velocity(ad), want, atol=1e-5), weights
+
+
+def test_draft_lv_noise_is_drawn_from_the_rank_generator(tmp_path, monkeypatch):
+    import flowbp_train.trainer as T
+
+    seen = []
+    real = T.reward_backprop
+
+    def spy(*a, **k):
+        seen.append((k["plan"], k["noise_generator"]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "reward_backprop", spy)
+    trainer, records, _ = run_steps(tmp_path, "sd3", "draft-lv", "streaming", steps=1)
+    assert seen and seen[0][1] is trainer.generators["noise"] and seen[0][0].noise_seed is None
+    assert records[0]["loss"] is not None
 
 
 def test_cli_trains_with_registered_adapter_and_reward(tmp_path):

@@ -155,7 +155,8 @@ def align(adapter, reward, judge, cfg: AlignConfig, *, log: Callable[[str], None
         ro = rollout(vf, adapter.initial_noise(cfg.batch_size, gen), sig)
         opt.zero_grad(set_to_none=True)
         out = reward_backprop(method, vf, ro, lambda x, p=prompts: reward.score(adapter.decode(x), p),
-                              generator=sampler, executor=cfg.executor, params=params, loss="neg")
+                              generator=sampler, noise_generator=gen, executor=cfg.executor, params=params,
+                              loss="neg")
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         opt.step()
         step_times.append(time.perf_counter() - t0)

@@ -3,7 +3,8 @@
 Files are written by the adapter's ``save_lora_weights`` (``StableDiffusion3Pipeline.save_lora_weights``:
 keys ``transformer.<module>.lora_A.weight`` / ``lora_B.weight``), by the trainer and by
 ``flowbp-mini align`` alike. The rank and target modules are read from the tensors; the scaling
-``lora_alpha / r`` is taken as 1 (alpha = rank, what every miniature recipe uses) unless ``alpha`` is given.
+``lora_alpha / r`` from the file's diffusers metadata (``flowbp_train.lora_files``), else 1 (alpha = rank,
+what every miniature recipe uses), unless ``alpha`` is given.
 """
 
 from __future__ import annotations
@@ -28,26 +29,24 @@ def save_lora(adapter, output_dir: str | Path) -> Path:
 
 
 def load_lora(transformer: torch.nn.Module, path: str | Path, alpha: float | None = None) -> None:
-    """Attach the LoRA stored at ``path`` (a file, or a folder holding :data:`LORA_FILE`)."""
+    """Attach the LoRA stored at ``path`` (a file, or a folder holding :data:`LORA_FILE`) at the scale
+    ``alpha / rank``; ``alpha`` defaults to the file's recorded ``lora_alpha`` (else the rank)."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
+
+    from flowbp_train.lora_files import lora_rank_and_targets, read_lora_file
 
     path = Path(path)
     if path.is_dir():
         path = path / LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file at {path}")
-    state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
-    a_keys = [k for k in state if k.endswith(".lora_A.weight")]
-    if not a_keys:
-        raise ValueError(f"{path}: no lora_A weights found")
-    ranks = {state[k].shape[0] for k in a_keys}
-    if len(ranks) != 1:
-        raise ValueError(f"{path}: mixed LoRA ranks {sorted(ranks)}")
-    rank = ranks.pop()
-    targets = sorted({k.removesuffix(".lora_A.weight") for k in a_keys})
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets))
+    try:
+        state, rank, recorded_alpha = read_lora_file(path)
+        _, targets = lora_rank_and_targets(state)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or recorded_alpha, target_modules=targets))
     res = set_peft_model_state_dict(transformer, state)
     if getattr(res, "unexpected_keys", None):
         raise ValueError(f"{path}: unexpected LoRA keys {res.unexpected_keys[:3]}")

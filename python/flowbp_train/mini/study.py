@@ -50,6 +50,7 @@ def first_step_measures(adapter, reward, params, cfg, methods, seed: int) -> dic
             p.grad = None
         with saved_bytes_meter(exclude) as stats:
             out = reward_backprop(method, vf, ro, rfn, generator=torch.Generator().manual_seed(10_000 + seed),
+                                  noise_generator=torch.Generator().manual_seed(20_000 + seed),  # DRaFT-LV's
                                   executor=executor, params=params, loss="neg")
         return flat_grad(params), stats["peak"], out.diagnostics["num_reforwards"]
 

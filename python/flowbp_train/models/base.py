@@ -1,17 +1,21 @@
 """The one interface every model family implements (FLUX.1, SD3.5, FLUX.2-Klein, the CPU miniature).
 
 An adapter owns the diffusers components of one family and exposes exactly what the engine and the
-trainer need: prompt encoding (cached per run), initial noise, the sigma schedule, a velocity function
-``velocity_fn(x, i)`` with the family's guidance, and a differentiable decode to images in [0, 1].
+trainer need: prompt encoding (cached per run; the text encoders move to the training device in the
+model dtype while they encode and back to the CPU afterwards), initial noise, the sigma schedule, a
+velocity function ``velocity_fn(x, i)`` with the family's guidance, a differentiable decode to images in
+[0, 1], its default LoRA targets, and ``check_files`` (every file of the model, found before loading).
 ``flowbp_kernels`` never sees diffusers: it only sees ``velocity_fn`` and ``reward_fn``.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -36,17 +40,48 @@ class FlowAdapter(ABC):
     Attributes:
         family: ``"flux1"``, ``"sd3"``, ``"flux2"`` or ``"mini"``.
         transformer: the velocity network (``nn.Module``) that is trained.
-        default_lora_targets: diffusers' default LoRA target module names for this family.
+        default_lora_targets: LoRA target module names (suffixes, peft's matching) for this family;
+            :meth:`lora_targets` adds the ones that must be named per block.
         guidance_scale: the family's guidance (FLUX.1 embedded guidance; SD3.5 / FLUX.2 two-branch CFG).
         device, dtype: where and in which dtype the transformer runs.
+        text_encoder_names: the pipeline attributes holding text encoders (moved to ``device`` to encode).
+        encode_seconds, encoded_prompts: time spent in the text encoders and prompts encoded so far.
     """
 
     family: str = ""
     default_lora_targets: tuple[str, ...] = ()
+    default_max_sequence_length: int = 512
+    text_encoder_names: tuple[str, ...] = ()
     transformer: torch.nn.Module
     guidance_scale: float = 1.0
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    encode_seconds: float = 0.0
+    encoded_prompts: int = 0
+    #: the pipeline class a model folder of this family holds (``model_index.json``), for ``check_files``
+    pipeline_class_name: str | None = None
+
+    @classmethod
+    def lora_targets(cls, transformer: torch.nn.Module) -> list[str]:
+        """The default LoRA target names for ``transformer`` (``default_lora_targets``; a family adds the
+        modules whose suffix is ambiguous, named per block)."""
+        return list(cls.default_lora_targets)
+
+    @classmethod
+    def check_files(cls, pretrained_model_name_or_path: str, *, revision: str | None = None,
+                    key: str = "pretrained_model_name_or_path", local_files_only: bool | None = None,
+                    **_ignored) -> None:
+        """Check that every file the family's ``from_pretrained`` reads exists: the folder (or the cached
+        snapshot of a model id), its ``model_index.json`` naming ``pipeline_class_name`` and each
+        component's config and weights. No download, no import of diffusers; raises FileNotFoundError /
+        ValueError with one line naming ``key``. Nothing is checked without ``pipeline_class_name``."""
+        if cls.pipeline_class_name is None:
+            return None
+        from flowbp_train.models.files import check_pipeline_files
+
+        check_pipeline_files(str(pretrained_model_name_or_path), cls.pipeline_class_name, family=cls.family,
+                             revision=revision, key=key, local_files_only=local_files_only)
+        return None
 
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
@@ -75,13 +110,18 @@ class FlowAdapter(ABC):
         grids, curves and summary); nothing by default."""
         return None
 
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The pipeline's text encoders (``text_encoder_names``), in order."""
+        pipe = getattr(self, "pipeline", None)
+        return [m for m in (getattr(pipe, n, None) for n in self.text_encoder_names) if m is not None]
+
     def offload_text_encoders(self) -> None:
-        """Move text encoders to CPU once prompts are encoded (no-op by default)."""
-        return None
+        """Move the text encoders to the CPU (once prompts are encoded; they come back when needed)."""
+        for enc in self.text_encoders():
+            enc.to("cpu")
 
     # ------------------------------------------------------------------ shared helpers (trainer side)
-    #: the diffusers pipeline class whose ``save_lora_weights`` / ``load_lora_weights`` define the LoRA
-    #: file format of this family (None: the adapter overrides :meth:`save_lora_weights`).
+    #: the family's diffusers pipeline class (None: the adapter was built from components)
     pipeline_class: type | None = None
     #: the loaded pipeline, when the adapter was built from one (sample images, model card).
     pipeline = None
@@ -112,7 +152,7 @@ class FlowAdapter(ABC):
             raise ValueError(f"resolution must be a multiple of {2 * self.vae_scale_factor}, got {resolution!r}")
         self.resolution = resolution
         self.guidance_scale = float(self.default_guidance if guidance_scale is None else guidance_scale)
-        self.max_sequence_length = max_sequence_length or 512
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.prompt_encoder = prompt_encoder
 
     def enable_gradient_checkpointing(self) -> None:
@@ -123,14 +163,25 @@ class FlowAdapter(ABC):
         if vae is not None and hasattr(vae, "enable_gradient_checkpointing"):
             vae.enable_gradient_checkpointing()
 
-    def save_lora_weights(self, save_directory: str | os.PathLike, transformer_lora_layers: dict) -> None:
-        """Write ``pytorch_lora_weights.safetensors`` in diffusers' format (loadable with
-        ``pipe.load_lora_weights(save_directory)``); keys are the peft state dict of the transformer."""
-        if self.pipeline_class is None:
-            raise NotImplementedError(f"{type(self).__name__} has no pipeline_class; override save_lora_weights")
-        self.pipeline_class.save_lora_weights(
-            save_directory, transformer_lora_layers=transformer_lora_layers, safe_serialization=True
-        )
+    def save_lora_weights(self, save_directory: str | os.PathLike, transformer_lora_layers: dict, *,
+                          weight_name: str | None = None, lora_alpha: float | None = None,
+                          info: dict | None = None) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` (or ``weight_name``) in diffusers' format, loadable
+        with ``pipe.load_lora_weights(save_directory)``: keys ``transformer.`` + the peft state dict of the
+        transformer, and diffusers' LoRA metadata with ``r`` and ``lora_alpha`` (None: the rank), so the
+        trained scale ``alpha / r`` is reproduced by every loader (``flowbp_train.lora_files``)."""
+        from flowbp_train.lora_files import LORA_FILE, save_lora_file
+
+        save_lora_file(Path(save_directory) / (weight_name or LORA_FILE), transformer_lora_layers,
+                       lora_alpha=lora_alpha, info={"family": self.family, **(info or {})})
+
+    def load_lora_weights(self, path: str | os.PathLike) -> None:
+        """Attach the LoRA file ``path`` to the transformer through the stock pipeline's
+        ``load_lora_weights`` (which reads the file's ``lora_alpha``)."""
+        if getattr(self, "pipeline", None) is None or not hasattr(self.pipeline, "load_lora_weights"):
+            raise ValueError(f"--lora: the {self.family!r} adapter has no pipeline to load LoRA weights with")
+        p = Path(path)
+        self.pipeline.load_lora_weights(str(p.parent), weight_name=p.name)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Every module other than the transformer that must stay frozen (VAE, text encoders)."""
@@ -138,24 +189,50 @@ class FlowAdapter(ABC):
 
     def _encode_cached(self, prompts: Sequence[str], encode: Callable[[list[str]], dict[str, torch.Tensor]]
                        ) -> dict[str, torch.Tensor]:
-        """Encode only the prompts not seen yet in this run (kept on CPU), then gather the batch."""
+        """Encode only the prompts not seen yet in this run (kept on CPU), then gather the batch. The text
+        encoders run on ``device`` in ``dtype`` (T5-XXL or Qwen3-8B on a CPU would take minutes)."""
         cache: dict[str, dict[str, torch.Tensor]] = self.__dict__.setdefault("_prompt_cache", {})
         missing = [p for p in dict.fromkeys(prompts) if p not in cache]
         if missing:
+            t0 = time.perf_counter()
+            if getattr(self, "prompt_encoder", None) is None:  # a given prompt_encoder replaces them
+                for enc in self.text_encoders():
+                    place_text_encoder(enc, self.device, self.dtype)
             with torch.no_grad():
                 out = encode(missing)
             for q, p in enumerate(missing):
                 cache[p] = {k: v[q : q + 1].detach().to("cpu") for k, v in out.items()}
+            self.encode_seconds += time.perf_counter() - t0
+            self.encoded_prompts += len(missing)
         keys = cache[prompts[0]].keys()
         return {k: torch.cat([cache[p][k] for p in prompts]).to(self.device) for k in keys}
 
 
 def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move to ``device``; cast to ``dtype`` only when some floating parameter differs (diffusers warns
-    on every cast)."""
-    module.to(device)
-    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+    """Move to ``device`` (when some parameter is elsewhere); cast to ``dtype`` only when some floating
+    parameter differs (diffusers warns on every cast)."""
+    params = list(module.parameters())
+    if any(p.device != device for p in params):
+        module.to(device)
+    if any(p.is_floating_point() and p.dtype != dtype for p in params):
         module.to(dtype)
+    return module
+
+
+def place_text_encoder(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Move a text encoder to ``device``; cast it to ``dtype`` only when none of its weights has that dtype
+    (a pipeline loaded in ``dtype`` keeps what transformers chose, e.g. T5's ``wo`` in fp32 under fp16),
+    and after a cast to fp16 put its ``_keep_in_fp32_modules`` back in fp32 (T5's feed-forward overflows)."""
+    params = [p for p in module.parameters() if p.is_floating_point()]
+    if any(p.device != device for p in module.parameters()):
+        module.to(device)
+    if params and dtype not in {p.dtype for p in params}:
+        module.to(dtype)
+        if dtype == torch.float16:
+            keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+            for name, sub in module.named_modules():
+                if name.rsplit(".", 1)[-1] in keep:
+                    sub.float()
     return module
 
 
@@ -170,10 +247,11 @@ def guided_velocity(
     """Two-branch classifier-free guidance ``v_neg + g (v_cond - v_neg)``.
 
     The negative branch runs under no_grad at the detached input unless ``grad_negative`` (the
-    reference's ``cfg_detach_neg``); ``g == 1`` or no negative embeddings gives the conditional branch.
+    reference's ``cfg_detach_neg``); ``g <= 1`` (as the stock pipelines: guidance is on for ``g > 1``) or
+    no negative embeddings gives the conditional branch.
     """
     v_cond = forward(x, cond)
-    if negative is None or guidance_scale == 1.0:
+    if negative is None or guidance_scale <= 1.0:
         return v_cond
     if grad_negative:
         v_neg = forward(x, negative)
@@ -181,6 +259,18 @@ def guided_velocity(
         with torch.no_grad():
             v_neg = forward(x.detach(), negative)
     return v_neg + guidance_scale * (v_cond - v_neg)
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict:
+    """``{"dtype": dtype}`` where the installed diffusers takes it (it deprecates ``torch_dtype`` and warns
+    on every load; diffusers 1.0 drops it), else ``{"torch_dtype": dtype}``."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        takes_dtype = hasattr(deprecation_utils, "_resolve_dtype")
+    except ImportError:
+        takes_dtype = False
+    return {"dtype": dtype} if takes_dtype else {"torch_dtype": dtype}
 
 
 def load_pipeline(pipeline_cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype,
@@ -195,19 +285,19 @@ def load_pipeline(pipeline_cls, pretrained_model_name_or_path: str, *, dtype: to
     how = (f"download it where there is network (e.g. `hf download {path} --local-dir DIR`) and pass "
            f"pretrained_model_name_or_path=DIR")
     if os.path.isdir(path):
-        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
+        return pipeline_cls.from_pretrained(path, **dtype_kwargs(dtype), **kwargs)
     if path.startswith((".", "/", "~")) or os.sep + os.sep in path or path.count("/") > 1:
         raise FileNotFoundError(f"pretrained_model_name_or_path: local folder not found: {path}")
     offline = local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, revision=revision, local_files_only=True,
+        return pipeline_cls.from_pretrained(path, **dtype_kwargs(dtype), revision=revision, local_files_only=True,
                                             **kwargs)
     except Exception as exc:  # not in the cache (or incomplete): try the hub unless offline
         if offline:
             raise OSError(f"pretrained_model_name_or_path: {path!r} is not a local folder and is not in the "
                           f"Hugging Face cache (offline mode); {how}") from exc
     try:
-        return pipeline_cls.from_pretrained(path, torch_dtype=dtype, revision=revision, **kwargs)
+        return pipeline_cls.from_pretrained(path, **dtype_kwargs(dtype), revision=revision, **kwargs)
     except Exception as exc:
         raise OSError(f"pretrained_model_name_or_path: could not load {path!r} from the Hugging Face hub "
                       f"({type(exc).__name__}); {how}") from exc

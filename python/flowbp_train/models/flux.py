@@ -33,17 +33,22 @@ class FluxAdapter(FlowAdapter):
         resolution: image side in pixels (a multiple of 16).
         guidance_scale: the embedded guidance (ignored by a transformer without ``guidance_embeds``).
         device, dtype: where and in which dtype the transformer runs.
-        max_sequence_length: T5 tokens (FLUX.1-dev: up to 512).
+        max_sequence_length: T5 tokens (default 512, FLUX.1-dev's and the authors').
         prompt_encoder: ``f(prompts) -> {"encoder_hidden_states": [B, L, 4096], "pooled_projections":
             [B, 768]}`` replacing the text encoders (tests, pre-computed embeddings).
     """
 
     family = "flux1"
-    # diffusers' train_dreambooth_lora_flux.py default target modules
+    pipeline_class_name = "FluxPipeline"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    # Every attention and feed-forward projection of every block (the adaLN modulation linears are left
+    # out): diffusers' train_dreambooth_lora_flux.py defaults plus the single blocks' MLP in and out
+    # projections, which those defaults miss (they hold 60% of a single block's weights). On the published
+    # FLUX.1-dev config this covers 73% of the blocks' linear weights (tests/train/test_lora_targets.py).
     default_lora_targets = (
         "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
-        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
     )
     default_guidance = 4.0
 
@@ -61,6 +66,13 @@ class FluxAdapter(FlowAdapter):
         self.img_ids = pipeline._prepare_latent_image_ids(1, side, side, self.device, self.dtype)
 
     @classmethod
+    def lora_targets(cls, transformer: torch.nn.Module) -> list[str]:
+        """``default_lora_targets`` and each single block's ``proj_out`` by name (the bare suffix would
+        also hit the transformer's final output projection)."""
+        blocks = getattr(transformer, "single_transformer_blocks", ())
+        return [*cls.default_lora_targets, *(f"single_transformer_blocks.{i}.proj_out" for i in range(len(blocks)))]
+
+    @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
                         revision: str | None = None, local_files_only: bool | None = None, **kw) -> FluxAdapter:
         """Load ``FluxPipeline`` (local folder or cached model id) and wrap it."""
@@ -72,10 +84,8 @@ class FluxAdapter(FlowAdapter):
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.prompt_encoder is not None:
             return self.prompt_encoder(prompts)
-        enc = self.pipeline.text_encoder_2 or self.pipeline.text_encoder
         emb, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, device=next(enc.parameters()).device,
-            max_sequence_length=self.max_sequence_length,
+            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
 
@@ -84,12 +94,6 @@ class FluxAdapter(FlowAdapter):
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings")
         return PromptBatch(prompts, self._encode_cached(prompts, self._encode), None)
-
-    def offload_text_encoders(self) -> None:
-        for name in ("text_encoder", "text_encoder_2"):
-            enc = getattr(self.pipeline, name, None)
-            if enc is not None:
-                enc.to("cpu")
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, getattr(self.pipeline, "text_encoder", None),

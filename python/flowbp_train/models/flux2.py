@@ -2,8 +2,9 @@
 
 Latents are 2x2-patchified VAE latents (32 -> 128 channels), normalised by the VAE's batch-norm
 statistics and packed to ``[B, (H/16)(W/16), 128]``; real two-branch CFG (default 4.0, empty negative
-prompt, negative branch without gradient unless ``grad_negative``); the FLUX.2 empirical shift
-``mu = flux2_mu(sequence length, N)``; timestep = sigma (shared/design/REFERENCE.md sections 1.2-1.5).
+prompt, negative branch without gradient unless ``grad_negative``), off where the pipeline config says
+``is_distilled``, as ``Flux2KleinPipeline`` does (no guidance embedding either); the FLUX.2 empirical
+shift ``mu = flux2_mu(sequence length, N)``; timestep = sigma (shared/design/REFERENCE.md 1.2-1.5).
 Decoding undoes the normalisation and the patchify, then runs the frozen VAE.
 """
 
@@ -33,21 +34,43 @@ class Flux2Adapter(FlowAdapter):
         resolution: image side in pixels (a multiple of 16).
         guidance_scale: CFG scale (1 disables the negative branch).
         device, dtype: where and in which dtype the transformer runs.
-        max_sequence_length: text tokens (the pipeline's default 512).
+        max_sequence_length: text tokens (the pipeline's and the authors' 512).
         prompt_encoder: ``f(prompts) -> {"encoder_hidden_states": [B, L, D]}`` replacing the text encoder.
+        is_distilled: a step-distilled model without CFG (default: the pipeline config's ``is_distilled``).
     """
 
     family = "flux2"
-    # diffusers' train_dreambooth_lora_flux2*.py default target modules
-    default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
+    pipeline_class_name = "Flux2KleinPipeline"
+    text_encoder_names = ("text_encoder",)
+    # Every attention and feed-forward projection of every block: the double blocks' image and text
+    # streams, and the single blocks' fused qkv+MLP input and their output projection. diffusers'
+    # train_dreambooth_lora_flux2_klein.py trains the image-stream attention and both single-block
+    # projections (80 layers, 66% of the published Klein-base-9B blocks' linear weights); these targets
+    # add the double blocks' text stream and feed-forwards (144 layers, 100%; no modulation linear sits
+    # inside a FLUX.2 block). tests/train/test_lora_targets.py checks it on the published config.
+    default_lora_targets = (
+        "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+        "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+        "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out", "attn.to_qkv_mlp_proj",
+    )
     default_guidance = 4.0
+
+    @classmethod
+    def lora_targets(cls, transformer: torch.nn.Module) -> list[str]:
+        """``default_lora_targets`` and each single block's ``attn.to_out`` by name (in a double block the
+        same suffix names a ModuleList, which peft cannot wrap)."""
+        blocks = getattr(transformer, "single_transformer_blocks", ())
+        return [*cls.default_lora_targets, *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(len(blocks)))]
 
     def __init__(self, pipeline, *, resolution: int = 512, guidance_scale: float | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None):
+                 max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None,
+                 is_distilled: bool | None = None):
         self._init_packed(pipeline, type(self).pipeline_class or _flux2_pipeline_class(), resolution=resolution,
                           guidance_scale=guidance_scale, device=device, dtype=dtype,
                           max_sequence_length=max_sequence_length, prompt_encoder=prompt_encoder)
+        config = getattr(pipeline, "config", None) or {}
+        self.is_distilled = bool(config.get("is_distilled", False) if is_distilled is None else is_distilled)
         self.side = resolution // (2 * self.vae_scale_factor)  # packed grid side
         self.channels = self.transformer.config.in_channels  # 4 x VAE latent channels
         place_module(self.transformer, self.device, self.dtype)
@@ -67,8 +90,7 @@ class Flux2Adapter(FlowAdapter):
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.prompt_encoder is not None:
             return self.prompt_encoder(prompts)
-        enc = self.pipeline.text_encoder
-        emb, _ = self.pipeline.encode_prompt(prompt=prompts, device=next(enc.parameters()).device,
+        emb, _ = self.pipeline.encode_prompt(prompt=prompts, device=self.device,
                                              max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": emb}
 
@@ -77,13 +99,14 @@ class Flux2Adapter(FlowAdapter):
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a non-empty list of strings")
         cond = self._encode_cached(prompts, self._encode)
-        negative = self._encode_cached([""] * len(prompts), self._encode) if self.guidance_scale != 1.0 else None
+        negative = self._encode_cached([""] * len(prompts), self._encode) if self.uses_cfg else None
         return PromptBatch(prompts, cond, negative)
 
-    def offload_text_encoders(self) -> None:
-        enc = getattr(self.pipeline, "text_encoder", None)
-        if enc is not None:
-            enc.to("cpu")
+    @property
+    def uses_cfg(self) -> bool:
+        """Two-branch CFG runs, as in ``Flux2KleinPipeline.do_classifier_free_guidance``: ``g > 1`` and
+        not a distilled model."""
+        return self.guidance_scale > 1.0 and not self.is_distilled
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, getattr(self.pipeline, "text_encoder", None)) if m is not None]
@@ -103,7 +126,6 @@ class Flux2Adapter(FlowAdapter):
     # ------------------------------------------------------------------ velocity and decode
     def velocity_fn(self, batch: PromptBatch, sigmas: torch.Tensor, *, grad_negative: bool = False) -> VelocityFn:
         sig = [float(s) for s in torch.as_tensor(sigmas).tolist()]
-        use_guidance = bool(getattr(self.transformer.config, "guidance_embeds", False))
         ids = {}
 
         def text_ids(emb: torch.Tensor) -> torch.Tensor:
@@ -115,15 +137,12 @@ class Flux2Adapter(FlowAdapter):
             b = x.shape[0]
             emb = tensors["encoder_hidden_states"].to(self.device, self.dtype)
             t = torch.full((b,), sigma, device=x.device, dtype=self.dtype)
-            guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32) \
-                if use_guidance else None
-            return self.forward_module(
-                hidden_states=x.to(self.dtype), timestep=t, guidance=guidance, encoder_hidden_states=emb,
+            return self.forward_module(  # Flux2KleinPipeline passes no guidance embedding
+                hidden_states=x.to(self.dtype), timestep=t, guidance=None, encoder_hidden_states=emb,
                 txt_ids=text_ids(emb), img_ids=self.img_ids.expand(b, -1, -1), return_dict=False,
             )[0]
 
-        # guidance-embedded (distilled) variants use no negative branch
-        g = 1.0 if use_guidance else self.guidance_scale
+        g = self.guidance_scale if self.uses_cfg else 1.0
 
         def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
             return guided_velocity(lambda z, emb: forward(z, sig[i], emb), x, batch.tensors, batch.negative, g,

@@ -79,9 +79,24 @@ class MiniAdapter(SD3Adapter):
         return cls(transformer, text_encoder, guidance_scale=cls.default_guidance if guidance_scale is None
                    else guidance_scale, device=device, dtype=dtype or torch.float32)
 
+    @classmethod
+    def check_files(cls, pretrained_model_name_or_path: str | Path | None = "mini", *,
+                    key: str = "pretrained_model_name_or_path", **_ignored) -> None:
+        """The committed weights, or a folder holding ``mini_base.safetensors`` and its ``sha256.json``."""
+        from flowbp_train.mini.model import BASE_FILE, HASHES_FILE
+
+        name = pretrained_model_name_or_path
+        if name is None or str(name) in BUILTIN_NAMES:
+            return
+        folder = Path(name)
+        for f in (BASE_FILE, HASHES_FILE):
+            if not (folder / f).is_file():
+                raise FileNotFoundError(f"{key}: {folder / f} not found (a miniature folder holds {BASE_FILE} and "
+                                        f"{HASHES_FILE}; or pass {key}=mini for the committed weights)")
+
     def load_lora_weights(self, path: str | Path, alpha: float | None = None) -> None:
         """Attach a LoRA saved by the trainer or ``flowbp-mini align`` (file or folder; used by
-        ``flowbp-eval --lora``). ``alpha`` defaults to the rank (what the miniature recipes use)."""
+        ``flowbp-eval --lora``). ``alpha`` defaults to the file's recorded ``lora_alpha`` (else the rank)."""
         from flowbp_train.mini.lora import load_lora
 
         load_lora(self.transformer, path, alpha=alpha)

@@ -2,9 +2,12 @@
 
 Two-branch CFG ``v_neg + g (v_cond - v_neg)`` (default g = 3.5) with the empty prompt as the negative
 branch, run without gradient unless ``grad_negative``; static shift 3.0; timestep = 1000 sigma
-(shared/design/REFERENCE.md sections 1.2-1.5). The velocity/CFG logic only needs a transformer that
-takes ``encoder_hidden_states`` and ``pooled_projections``: the CPU miniature (pixel space, no VAE,
-its own text encoder) subclasses this adapter and overrides prompt encoding.
+(shared/design/REFERENCE.md sections 1.2-1.5). The schedule is the authors' (and the FLUX pipelines'):
+``linspace(1, 1/N, N)`` shifted. ``StableDiffusion3Pipeline`` by default spaces its N timesteps from 1 down
+to the scheduler's shifted ``sigma_min`` and shifts them again (last sigma 0.009 instead of 3/(N+2));
+``pipe(..., sigmas=np.linspace(1, 1/N, N))`` reproduces this adapter. The velocity/CFG logic only needs
+a transformer that takes ``encoder_hidden_states`` and ``pooled_projections``: the CPU miniature (pixel
+space, no VAE, its own text encoder) subclasses this adapter and overrides prompt encoding.
 """
 
 from __future__ import annotations
@@ -36,16 +39,24 @@ class SD3Adapter(FlowAdapter):
         guidance_scale: CFG scale (1 disables the negative branch).
         shift: the static schedule shift (SD3.5: 3.0; default: the pipeline scheduler's ``shift``).
         device, dtype: where and in which dtype the transformer runs.
-        max_sequence_length: T5 tokens (the pipeline's default 256).
+        max_sequence_length: T5 tokens (default 512, as the authors encode SD3.5 prompts; the pipeline's
+            own default is 256).
         prompt_encoder: ``f(prompts) -> {"encoder_hidden_states": [B, L, D], "pooled_projections": [B, P]}``
             replacing the pipeline's text encoders (tests, pre-computed embeddings).
     """
 
     family = "sd3"
-    # diffusers' train_dreambooth_lora_sd3.py default target modules
+    pipeline_class_name = "StableDiffusion3Pipeline"
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    # Every attention and feed-forward projection of every block (the adaLN modulation linears are left
+    # out): diffusers' train_dreambooth_lora_sd3.py defaults (the joint attention only, 20% of the
+    # published SD3.5-Medium blocks' linear weights) plus the MMDiT-X self-attention ``attn2`` of its
+    # first 13 blocks and the feed-forwards: 66% (tests/train/test_lora_targets.py).
     default_lora_targets = (
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
         "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+        "attn2.to_k", "attn2.to_out.0", "attn2.to_q", "attn2.to_v",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     )
     default_guidance = 3.5
     default_shift = 3.0
@@ -70,7 +81,7 @@ class SD3Adapter(FlowAdapter):
         if pipeline is not None and getattr(pipeline, "scheduler", None) is not None:
             sched_shift = pipeline.scheduler.config.get("shift")
         self.shift = float(shift if shift is not None else (sched_shift or self.default_shift))
-        self.max_sequence_length = max_sequence_length or 256
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.prompt_encoder = prompt_encoder
         self.pipeline_class = type(self).pipeline_class or _sd3_pipeline_class()
         place_module(self.transformer, self.device, self.dtype)
@@ -90,14 +101,10 @@ class SD3Adapter(FlowAdapter):
         if self.prompt_encoder is not None:
             return self.prompt_encoder(prompts)
         emb, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self._text_device(),
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-
-    def _text_device(self) -> torch.device:
-        enc = getattr(self.pipeline, "text_encoder", None)
-        return next(enc.parameters()).device if enc is not None else self.device
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
         prompts = list(prompts)
@@ -105,24 +112,12 @@ class SD3Adapter(FlowAdapter):
             raise ValueError("prompts must be a non-empty list of strings")
         cond = self._encode_cached(prompts, self._encode)
         negative = None
-        if self.guidance_scale != 1.0:
+        if self.guidance_scale > 1.0:  # as the pipeline: CFG for g > 1
             negative = self._encode_cached([""] * len(prompts), self._encode)
         return PromptBatch(prompts, cond, negative)
 
-    def offload_text_encoders(self) -> None:
-        if self.pipeline is None:
-            return
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            enc = getattr(self.pipeline, name, None)
-            if enc is not None:
-                enc.to("cpu")
-
     def frozen_modules(self) -> list[torch.nn.Module]:
-        mods = super().frozen_modules()
-        if self.pipeline is not None:
-            mods += [m for m in (getattr(self.pipeline, n, None) for n in
-                                 ("text_encoder", "text_encoder_2", "text_encoder_3")) if m is not None]
-        return mods
+        return super().frozen_modules() + self.text_encoders()
 
     # ------------------------------------------------------------------ latents and schedule
     @property

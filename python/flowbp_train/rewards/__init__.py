@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import importlib
 
-from .base import Reward, WeightedSum, available_rewards, check_score_inputs, get_reward, register_reward
+from .base import (
+    Reward,
+    WeightedSum,
+    available_rewards,
+    check_reward_files,
+    check_score_inputs,
+    get_reward,
+    register_reward,
+)
 
 __all__ = [
     "Reward",
     "WeightedSum",
     "available_rewards",
+    "check_reward_files",
     "check_score_inputs",
     "get_reward",
     "register_reward",
@@ -31,9 +40,13 @@ _BUILTINS = {
 
 
 def _lazy_factory(module: str, cls: str):
-    def factory(**kwargs) -> Reward:
-        return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(**kwargs)
+    def reward_class():
+        return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 
+    def factory(**kwargs) -> Reward:
+        return reward_class()(**kwargs)
+
+    factory.check_files = lambda **kwargs: reward_class().check_files(**kwargs)  # the module is light
     factory.__name__ = f"build_{module}"
     factory.lazy_target = (module, cls)  # what it builds, for checking reward_kwargs before any import
     factory.__doc__ = f"Build ``flowbp_train.rewards.{module}.{cls}(**kwargs)`` (imported on first use)."

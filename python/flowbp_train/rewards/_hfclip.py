@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ._weights import load_hf_pretrained
+from ._weights import check_hf_dir, load_hf_pretrained
 from .base import Reward
 from .preprocess import ImagePreprocess
 
@@ -31,6 +31,20 @@ def load_clip(name_or_path: str | os.PathLike, tokenizer_name_or_path: str | os.
                                    needs="the tokenizer files (tokenizer.json, or vocab.json + merges.txt)",
                                    allow_download=allow_download)
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+
+
+def check_clip(name_or_path: str | os.PathLike, tokenizer_name_or_path: str | os.PathLike | None, *, what: str,
+               model_option: str, tokenizer_option: str, allow_download: bool = False) -> None:
+    """What :func:`load_clip` needs, checked without loading: the model's ``config.json`` and the
+    tokenizer files (local folders, or hub ids in the Hugging Face cache)."""
+    check_hf_dir(name_or_path, what=what, option=model_option, needs="config.json and model.safetensors",
+                 allow_download=allow_download)
+    check_hf_dir(tokenizer_name_or_path or name_or_path, what=what, option=tokenizer_option,
+                 needs="the tokenizer files (tokenizer.json, or vocab.json + merges.txt)", files=TOKENIZER_FILES,
+                 allow_download=allow_download)
 
 
 class HFCLIPReward(Reward):

@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from ._hfclip import HFCLIPReward, load_clip
-from ._weights import resolve_file
+from ._hfclip import HFCLIPReward, check_clip, load_clip
+from ._weights import check_file, resolve_file
 from .clipscore import CLIP_L14
 from .preprocess import openclip_preprocess
 
@@ -51,6 +51,19 @@ class AestheticReward(HFCLIPReward):
 
     name = "aesthetic"
     differentiable = True
+
+    @classmethod
+    def check_files(cls, *, key_prefix: str = "", mlp_path: str | os.PathLike | None = None,
+                    clip_path: str | os.PathLike = CLIP_L14, model: torch.nn.Module | None = None,
+                    mlp: torch.nn.Module | None = None, allow_download: bool = False, **_other) -> None:
+        """The MLP file and the CLIP ViT-L/14 folder; see ``Reward.check_files``."""
+        if mlp is None:
+            check_file(mlp_path, what="LAION aesthetic predictor", option=f"{key_prefix}mlp_path", repo_id=None,
+                       filename=AESTHETIC_MLP_FILE, source=AESTHETIC_MLP_SOURCE)
+        if model is None:
+            check_clip(clip_path, None, what="LAION aesthetic predictor (CLIP ViT-L/14)",
+                       model_option=f"{key_prefix}clip_path", tokenizer_option=f"{key_prefix}clip_path",
+                       allow_download=allow_download)
 
     def __init__(self, mlp_path: str | os.PathLike | None = None, clip_path: str | os.PathLike = CLIP_L14, *,
                  model: torch.nn.Module | None = None, tokenizer=None, mlp: torch.nn.Module | None = None,

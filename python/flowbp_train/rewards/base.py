@@ -18,6 +18,7 @@ __all__ = [
     "Reward",
     "WeightedSum",
     "available_rewards",
+    "check_reward_files",
     "check_score_inputs",
     "get_reward",
     "register_reward",
@@ -63,6 +64,13 @@ class Reward(torch.nn.Module):
         self._text_cache: dict[str, torch.Tensor] = {}
 
     # -- public -----------------------------------------------------------------------------------
+    @classmethod
+    def check_files(cls, *, key_prefix: str = "", **kwargs) -> None:
+        """Check, without loading or downloading anything, that the files (and optional packages) the
+        constructor needs with ``kwargs`` are there; raise FileNotFoundError / ImportError naming the
+        option as ``key_prefix + option`` (``reward_kwargs.checkpoint_path``). Nothing to check by default."""
+        return None
+
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Score a batch: ``images`` float ``[B, 3, H, W]`` in [0, 1], ``prompts`` B strings -> float32
         ``[B]``. Differentiable w.r.t. ``images`` when ``self.differentiable``."""
@@ -190,6 +198,22 @@ def get_reward(name: str, **kwargs) -> Reward:
     A name not yet registered is imported as ``flowbp_train.rewards.<name>``, then as the module named by
     its part before the first ``_`` (``mini_judge`` -> ``mini``), which may register it, before giving up.
     """
+    reward = _factory(name)(**kwargs)
+    if not isinstance(reward, Reward):
+        raise TypeError(f"reward factory {name!r} returned {type(reward).__name__}, expected a Reward")
+    return reward
+
+
+def check_reward_files(name: str, *, key_prefix: str = "", **kwargs) -> None:
+    """Check that reward ``name`` is known and that the files it would load with ``kwargs`` exist, without
+    building it (its ``check_files``; a factory may carry one as ``factory.check_files``)."""
+    factory = _factory(name)
+    check = getattr(factory, "check_files", None)
+    if callable(check):
+        check(key_prefix=key_prefix, **kwargs)
+
+
+def _factory(name: str) -> RewardFactory:
     if not isinstance(name, str) or not name:
         raise ValueError(f"name: expected a non-empty reward name, got {name!r}")
     for module in dict.fromkeys([name, name.split("_")[0]]):  # "mini_judge" lives in mini.py
@@ -202,7 +226,4 @@ def get_reward(name: str, **kwargs) -> Reward:
                 raise
     if name not in _REGISTRY:
         raise ValueError(f"name: unknown reward {name!r}; available: {available_rewards()}")
-    reward = _REGISTRY[name](**kwargs)
-    if not isinstance(reward, Reward):
-        raise TypeError(f"reward factory {name!r} returned {type(reward).__name__}, expected a Reward")
-    return reward
+    return _REGISTRY[name]

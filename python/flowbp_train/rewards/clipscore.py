@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ._hfclip import HFCLIPReward, load_clip
+from ._hfclip import HFCLIPReward, check_clip, load_clip
 from .preprocess import clip_preprocess
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
@@ -32,6 +32,14 @@ class CLIPScoreReward(HFCLIPReward):
 
     name = "clipscore"
     differentiable = True
+
+    @classmethod
+    def check_files(cls, *, key_prefix: str = "", model_path: str | os.PathLike = CLIP_L14,
+                    model: torch.nn.Module | None = None, allow_download: bool = False, **_other) -> None:
+        """The CLIP folder with its tokenizer (or its HF cache copy); see ``Reward.check_files``."""
+        if model is None:
+            check_clip(model_path, None, what="CLIPScore", model_option=f"{key_prefix}model_path",
+                       tokenizer_option=f"{key_prefix}model_path", allow_download=allow_download)
 
     def __init__(self, model_path: str | os.PathLike = CLIP_L14, *, w: float = CLIPSCORE_W, prefix: str = "",
                  model: torch.nn.Module | None = None, tokenizer=None, device: str | torch.device = "cpu",

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ._weights import resolve_file
+from ._weights import check_file, check_module, resolve_file
 from .base import Reward
 from .preprocess import hpsv2_preprocess
 
@@ -45,6 +45,18 @@ class HPSv2Reward(Reward):
 
     name = "hpsv2"
     differentiable = True
+
+    @classmethod
+    def check_files(cls, *, key_prefix: str = "", checkpoint_path: str | os.PathLike | None = None,
+                    version: str = "v2.1", model: torch.nn.Module | None = None, allow_download: bool = False,
+                    **_other) -> None:
+        """The checkpoint file (or its HF cache copy) and the open_clip package (see ``Reward.check_files``)."""
+        if model is not None or version not in HPS_FILES:  # prebuilt, or the constructor names the bad value
+            return
+        check_file(checkpoint_path, what=f"HPS{version}", option=f"{key_prefix}checkpoint_path", repo_id=HPS_REPO,
+                   filename=HPS_FILES[version], source=f"https://huggingface.co/{HPS_REPO}",
+                   allow_download=allow_download)
+        check_module("open_clip", "HPSv2 needs open_clip: pip install open_clip_torch (it also needs torchvision)")
 
     def __init__(self, checkpoint_path: str | os.PathLike | None = None, *, version: str = "v2.1",
                  model: torch.nn.Module | None = None, tokenizer=None, device: str | torch.device = "cpu",

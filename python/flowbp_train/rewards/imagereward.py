@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ._weights import hf_offline, resolve_file
+from ._weights import check_file, check_module, hf_offline, resolve_file
 from .base import Reward
 from .preprocess import imagereward_preprocess
 
@@ -45,6 +45,27 @@ class ImageRewardReward(Reward):
 
     name = "imagereward"
     differentiable = True
+
+    @classmethod
+    def check_files(cls, *, key_prefix: str = "", checkpoint_path: str | os.PathLike | None = None,
+                    med_config_path: str | os.PathLike | None = None, model: torch.nn.Module | None = None,
+                    allow_download: bool = False, **_other) -> None:
+        """``ImageReward.pt``, ``med_config.json`` and the image-reward package; see ``Reward.check_files``."""
+        if model is not None:
+            return
+        from pathlib import Path
+
+        source = f"https://huggingface.co/{IMAGEREWARD_REPO}"
+        check_file(checkpoint_path, what="ImageReward", option=f"{key_prefix}checkpoint_path",
+                   repo_id=IMAGEREWARD_REPO, filename="ImageReward.pt", source=source, allow_download=allow_download)
+        if med_config_path is None and checkpoint_path is not None:
+            beside = Path(checkpoint_path).expanduser()
+            beside = beside if beside.is_dir() else beside.parent
+            med_config_path = beside if (beside / "med_config.json").is_file() else None
+        check_file(med_config_path, what="ImageReward", option=f"{key_prefix}med_config_path",
+                   repo_id=IMAGEREWARD_REPO, filename="med_config.json", source=source, allow_download=allow_download)
+        check_module("ImageReward", "ImageReward needs the optional package image-reward: pip install image-reward "
+                     "(with torchvision, timm and fairscale)")
 
     def __init__(self, checkpoint_path: str | os.PathLike | None = None,
                  med_config_path: str | os.PathLike | None = None, *, model: torch.nn.Module | None = None,

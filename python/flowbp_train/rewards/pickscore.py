@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ._hfclip import HFCLIPReward, load_clip
+from ._hfclip import HFCLIPReward, check_clip, load_clip
 from .preprocess import clip_preprocess
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -34,6 +34,15 @@ class PickScoreReward(HFCLIPReward):
 
     name = "pickscore"
     differentiable = True
+
+    @classmethod
+    def check_files(cls, *, key_prefix: str = "", model_path: str | os.PathLike = PICKSCORE_MODEL,
+                    processor_path: str | os.PathLike = PICKSCORE_PROCESSOR, model: torch.nn.Module | None = None,
+                    allow_download: bool = False, **_other) -> None:
+        """The model and tokenizer folders (or their HF cache copies); see ``Reward.check_files``."""
+        if model is None:
+            check_clip(model_path, processor_path, what="PickScore", model_option=f"{key_prefix}model_path",
+                       tokenizer_option=f"{key_prefix}processor_path", allow_download=allow_download)
 
     def __init__(self, model_path: str | os.PathLike = PICKSCORE_MODEL,
                  processor_path: str | os.PathLike = PICKSCORE_PROCESSOR, *, model: torch.nn.Module | None = None,
