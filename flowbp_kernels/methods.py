@@ -374,8 +374,9 @@ class Method:
         if not isinstance(plan.active, tuple):
             raise ValueError(f"plan.active must be a tuple of step indices, got {type(plan.active).__name__}")
         if self.name == "draft-lv":
-            if plan.noise_seed is None or not 0 <= plan.noise_seed < 2**63:
-                raise ValueError(f"plan.noise_seed: expected an integer in [0, 2**63), got {plan.noise_seed!r}")
+            if plan.noise_seed is not None and not 0 <= plan.noise_seed < 2**63:
+                raise ValueError(f"plan.noise_seed: expected None (the noise generator's draw) or an integer in "
+                                 f"[0, 2**63), got {plan.noise_seed!r}")
             if plan.active != (n - 1,):
                 raise ValueError(f"plan.active: draft-lv re-forwards the last step only, expected {(n - 1,)}, "
                                  f"got {plan.active}")

@@ -421,7 +421,7 @@ PLAN_BAD = [
     ("flowbp-lagrange", {"k": 6, "j": 2}, "plan"), ("flowbp-lagrange", {"k": 1.5}, "plan.k"),
     ("flowbp-lagrange", {"k": True}, "plan.k"), ("flowbp-lagrange", {"j": 99}, "plan"),
     ("flowbp-lagrange", {"active": (0, 1)}, "plan.active"), ("flowbp-lagrange", {"k": None}, "plan"),
-    ("draft-lv", {"noise_seed": None}, "plan.noise_seed"), ("draft-lv", {"noise_seed": -3}, "plan.noise_seed"),
+    ("draft-lv", {"noise_seed": 2**63}, "plan.noise_seed"), ("draft-lv", {"noise_seed": -3}, "plan.noise_seed"),
     ("draft-lv", {"active": (0,)}, "plan.active"), ("refl", {"tau": None}, "plan"), ("refl", {"tau": 8}, "plan"),
     ("drtune", {"stop": 2}, "plan"), ("flowbp-bridge", {"j": 0}, "plan"), ("full", {"active": (7,)}, "plan.active"),
     ("leapalign", {"k": 3, "j": 3}, "plan"),

@@ -308,6 +308,35 @@ def verify_files(folder: Path, man: dict, names: list[str] | None = None, *, has
                                   f"(truncated or replaced)")
         if hash_files and sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST_FILE} (corrupted or replaced)")
+        if name.endswith(".safetensors"):
+            check_safetensors_header(path, st.st_size)
+
+
+#: a safetensors header is JSON of a few entries per tensor; anything larger is not one of ours
+MAX_SAFETENSORS_HEADER = 64 * 2**20
+
+
+def check_safetensors_header(path: Path, size: int) -> None:
+    """``path`` is a safetensors container: an 8-byte little-endian header length, a JSON header whose
+    tensors' ``data_offsets`` lie inside the file. Checked for every ``.safetensors`` file of a checkpoint,
+    also those a resume does not read (the EMA LoRA), so that no file of a verified checkpoint is
+    something else under a safetensors name."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER):
+                raise ValueError(f"header length {n} for a file of {size} bytes")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        for key, t in header.items():
+            if key == "__metadata__":
+                continue
+            lo, hi = t["data_offsets"]
+            if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= size - 8 - n):
+                raise ValueError(f"tensor {key!r} lies outside the file")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file ({' '.join(str(exc).split())[:120]})") from None
 
 
 def read_state(folder: Path, man: dict) -> dict:

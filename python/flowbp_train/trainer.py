@@ -86,10 +86,13 @@ def preflight(cfg: TrainConfig, *, model: bool = True, reward: bool = True) -> N
 
         check = getattr(adapter_class(cfg.family), "check_files", None)
         try:
-            if callable(check):
-                check(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+            folder = check(cfg.pretrained_model_name_or_path, revision=cfg.revision) if callable(check) else None
         except (OSError, ValueError) as exc:  # the messages start with the key
             raise ConfigError(_one_line(exc)) from None
+        if folder is not None and cfg.rank and cfg.lora_target_modules:  # names against the real module tree
+            from flowbp_train.models.files import meta_transformer
+
+            check_lora_targets(meta_transformer(folder), cfg.lora_target_modules)
     if reward:
         from flowbp_train.rewards import check_reward_files
 
@@ -299,6 +302,8 @@ class Trainer:
         self.method = get_method(cfg.method, **cfg.method_options)
         self.prompts = shard_prompts(load_prompts(cfg.prompts), self.rank, self.world_size)
         self.loss_spec = "neg" if cfg.loss == "neg" else ("hinge", cfg.loss_margin)
+        if adapter is not None:  # a given model: its LoRA targets before any other work
+            check_lora_targets(adapter.transformer, cfg.lora_target_modules if cfg.rank else None)
         preflight(cfg, model=adapter is None, reward=reward is None)  # every file, before any weight loads
         self.tracker = Tracker(cfg, self.out, self.is_main)  # fails early on a missing wandb
         bf16 = cfg.mixed_precision == "bf16"
@@ -317,8 +322,8 @@ class Trainer:
                                     guidance_scale=cfg.guidance_scale, device=self.device,
                                     dtype=self.latent_dtype, revision=cfg.revision,
                                     max_sequence_length=cfg.max_sequence_length)
+            check_lora_targets(adapter.transformer, cfg.lora_target_modules if cfg.rank else None)
         self.adapter = adapter
-        check_lora_targets(adapter.transformer, cfg.lora_target_modules if cfg.rank else None)
         random.seed(cfg.seed)  # LoRA initialisation (and anything else on the global RNGs) per seed
         torch.manual_seed(cfg.seed)
         add_trainable(adapter, cfg)

@@ -429,3 +429,20 @@ def test_a_text_encoder_cast_to_fp16_keeps_its_fp32_modules(folders):
     dtypes = {n: p.dtype for n, p in t5.named_parameters()}
     assert all(d == torch.float32 for n, d in dtypes.items() if ".wo." in n)
     assert all(d == torch.float16 for n, d in dtypes.items() if ".wo." not in n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_targets_that_match_nothing_stop_before_anything_loads(folders, family, monkeypatch):
+    """``lora_target_modules`` checked against the folder's transformer built on the meta device from its
+    config (no weights): one line naming the key, before the reward or any component is built."""
+    import flowbp_train.models as models
+    import flowbp_train.rewards as rewards
+    from flowbp_train.config import ConfigError, from_dict
+    from flowbp_train.trainer import preflight
+
+    monkeypatch.setattr(rewards, "get_reward", lambda *a, **k: pytest.fail("the reward was built"))
+    monkeypatch.setattr(models, "build_adapter", lambda *a, **k: pytest.fail("the model was loaded"))
+    base = dict(family=family, pretrained_model_name_or_path=str(folders[family]), reward="mini", rank=4)
+    preflight(from_dict({**base, "lora_target_modules": ["to_q"]}))  # a name the transformer has
+    with pytest.raises(ConfigError, match=r"^lora_target_modules: 'attn\.to_qq' matches no module"):
+        preflight(from_dict({**base, "lora_target_modules": ["to_q", "attn.to_qq"]}))

@@ -70,18 +70,19 @@ class FlowAdapter(ABC):
     @classmethod
     def check_files(cls, pretrained_model_name_or_path: str, *, revision: str | None = None,
                     key: str = "pretrained_model_name_or_path", local_files_only: bool | None = None,
-                    **_ignored) -> None:
+                    **_ignored) -> Path | None:
         """Check that every file the family's ``from_pretrained`` reads exists: the folder (or the cached
         snapshot of a model id), its ``model_index.json`` naming ``pipeline_class_name`` and each
         component's config and weights. No download, no import of diffusers; raises FileNotFoundError /
-        ValueError with one line naming ``key``. Nothing is checked without ``pipeline_class_name``."""
+        ValueError with one line naming ``key``. Returns the pipeline folder (None: nothing to check, or a
+        model id still to be downloaded). Nothing is checked without ``pipeline_class_name``."""
         if cls.pipeline_class_name is None:
             return None
         from flowbp_train.models.files import check_pipeline_files
 
-        check_pipeline_files(str(pretrained_model_name_or_path), cls.pipeline_class_name, family=cls.family,
-                             revision=revision, key=key, local_files_only=local_files_only)
-        return None
+        return check_pipeline_files(str(pretrained_model_name_or_path), cls.pipeline_class_name,
+                                    family=cls.family, revision=revision, key=key,
+                                    local_files_only=local_files_only)
 
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:

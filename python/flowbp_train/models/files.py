@@ -115,3 +115,16 @@ def check_pipeline_files(path: str, pipeline_class: str, *, family: str, revisio
             raise FileNotFoundError(f"{key}: {folder / name} ({entry[1]}) is missing {missing}; the folder is "
                                     f"incomplete (an interrupted download?)")
     return folder
+
+
+def meta_transformer(folder: str | os.PathLike):
+    """The pipeline's transformer built from ``folder/transformer/config.json`` on the meta device (shapes
+    and module names only, no weights: a second, not minutes), for checks that need its module tree."""
+    import diffusers
+    import torch
+
+    folder = Path(folder)
+    spec = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    cls = getattr(diffusers, str(spec["transformer"][1]))
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(folder / "transformer"))
