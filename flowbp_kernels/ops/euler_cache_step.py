@@ -56,10 +56,12 @@ def _compiled(x, v, h, velocity_format, latent_dtype):
 
 
 def _triton(x, v, h, velocity_format, latent_dtype):
-    from flowbp_kernels.triton.euler_cache_step import euler_cache_step_fwd
+    from flowbp_kernels.triton import euler_cache_step as kernels
 
     writes = _writes(x, v, velocity_format, latent_dtype)
-    outs = euler_cache_step_fwd(x, v, h, _FORMAT_CODE[velocity_format], latent_dtype, *writes)
+    # under torch.compile, the custom op: dynamo keeps the launch opaque
+    launch = kernels.euler_cache_step_fwd_op if torch.compiler.is_compiling() else kernels.euler_cache_step_fwd
+    outs = launch(x, v, h, _FORMAT_CODE[velocity_format], latent_dtype, *writes)
     return _finish(x, v, velocity_format, outs, writes)
 
 
