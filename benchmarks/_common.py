@@ -109,18 +109,23 @@ def median_time(fn, repeats=3) -> float:
 
 
 def metadata() -> dict:
+    """Device, versions and code revision for every result row. Without git history (the GPU kit's copy),
+    ``FLOWBP_GIT_REV`` / ``FLOWBP_TREE_SHA`` set by benchmarks/gpu_check.sh identify the code."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent).stdout.strip()
     except OSError:
-        rev = "unknown"
-    return {
+        rev = ""
+    meta = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git": rev,
+        "git": rev or os.environ.get("FLOWBP_GIT_REV", "unknown"),
         "threads": torch.get_num_threads(),
     }
+    if os.environ.get("FLOWBP_TREE_SHA"):
+        meta["tree_sha"] = os.environ["FLOWBP_TREE_SHA"]
+    return meta
 
 
 def write_json(name: str, payload: dict) -> Path:

@@ -341,9 +341,17 @@ def main(argv=None) -> int:
             emit({"check": what, "ok": False, "error": f"{type(exc).__name__}: {exc}",
                   "traceback": traceback.format_exc()[-2000:]})
 
-    # first: torch.compile as the very first op call of the process
+    # first: torch.compile as the very first op call of the process; then the short checks, then the op
+    # configurations at model shapes, the bulk, while the time budget lasts
     guarded(lambda: compile_check(device, backends, next(iter(shapes.values()))), "torch.compile")
     emit(e4m3_facts(device))
+    if "cuda" in backends or "cpu" in backends:
+        def opchecks():
+            for i, (op, a) in enumerate(opcheck_samples(device)):
+                torch.library.opcheck(op, a)
+                yield {"check": f"opcheck sample {i}: {op}", "backend": device, "ok": True}
+        guarded(opchecks, "opcheck")
+    guarded(lambda: engine_checks(device, [b for b in backends if b != "torch"], device == "cpu"), "engine step")
     for shape_name, shape in shapes.items():
         for spec in SPECS:
             for backend in backends:
@@ -353,13 +361,6 @@ def main(argv=None) -> int:
                     continue
                 guarded(lambda s=spec, b=backend, n=shape_name, sh=shape: op_checks(s, n, sh, device, b),
                         f"{spec.name()} on {backend}")
-    if "cuda" in backends or "cpu" in backends:
-        def opchecks():
-            for i, (op, a) in enumerate(opcheck_samples(device)):
-                torch.library.opcheck(op, a)
-                yield {"check": f"opcheck sample {i}: {op}", "backend": device, "ok": True}
-        guarded(opchecks, "opcheck")
-    guarded(lambda: engine_checks(device, [b for b in backends if b != "torch"], device == "cpu"), "engine step")
     print(f"# correctness: {failures} failed checks ({time.perf_counter() - t0:.1f} s)")
     return 1 if failures else 0
 

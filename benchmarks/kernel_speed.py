@@ -68,7 +68,10 @@ def _nb(t_dtype: torch.dtype, n: int) -> int:
 
 
 def _compiled(fn):
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+    return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False, fullgraph=True)
+
+
+COMPILE_BACKEND = "inductor"
 
 
 # every configuration is its own graph: let dynamo keep them all
@@ -158,12 +161,12 @@ def git_rev() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # no history here (the GPU kit's copy): what the kit passes
+        return os.environ.get("FLOWBP_GIT_REV", "unknown")
 
 
 def main(argv=None) -> int:
-    global BACKENDS
+    global BACKENDS, COMPILE_BACKEND
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES))
@@ -174,6 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--all", action="store_true", help="every shape and batch (1, 4, 8)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the 'compile' column")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "kernel_speed.json"))
     ap.add_argument("--jsonl", default=None, help="append every row to this JSON-lines file as it is measured")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
@@ -185,6 +189,7 @@ def main(argv=None) -> int:
     batches = args.batches or ([1, 4, 8] if args.all or on_gpu else [1])
     rounds = args.rounds or (50 if on_gpu else 15)
     BACKENDS = available_backends(device)
+    COMPILE_BACKEND = args.compile_backend
     ndts = [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.node_dtypes]
     timer = DeviceTimer(device)
     copy_gbs = timer.copy_gbps(COPY_BYTES["cuda" if on_gpu else "cpu"])
@@ -193,7 +198,8 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0) if on_gpu else f"{platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "python": sys.version.split()[0], "git": git_rev(),
-        "backends": fb.backends(), "copy_GBps": copy_gbs, "rounds": rounds,
+        "tree_sha": os.environ.get("FLOWBP_TREE_SHA"),
+        "backends": fb.backends(), "copy_GBps": copy_gbs, "rounds": rounds, "compile_backend": args.compile_backend,
         "timing": "cuda events, L2 flush before each call, median" if on_gpu else "host clock, median (in cache)",
         "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_")},
     }  # fmt: skip

@@ -5,6 +5,7 @@
 # Env: VENV (default /tmp/flowbp-cuda-venv), PYTHON (default python3), FLOWBP_CUDA_ARCHS (default 9.0+PTX here:
 # one architecture keeps the job within its budget; the package default is "8.0;9.0+PTX"), MAX_JOBS (default 2).
 # The built module is checked to hold sm_90 machine code and PTX (cuobjdump, from the toolkit or Triton's copy).
+# KEEP_SO=DIR copies the built module there (the GPU kit's dry run loads it instead of compiling again).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-/tmp/flowbp-cuda-venv}"
@@ -68,4 +69,5 @@ assert st["cuda"], st
 assert not torch.cuda.is_initialized()
 print("ops registered with CPU and CUDA kernels:", ", ".join(_ext.OPS))
 PYEOF
+if [ -n "${KEEP_SO:-}" ]; then mkdir -p "$KEEP_SO" && cp flowbp_kernels/_C*.so "$KEEP_SO"/; fi
 echo "ci_cuda_build: ok in $(( $(date +%s) - t0 )) s"
