@@ -229,6 +229,12 @@ def run_family(family: str, resolutions: list[int], executors: list[str], args, 
                 emit({**base, "phase": "step", "oom": True, "error": str(exc).splitlines()[0]})
                 torch.cuda.empty_cache()
                 continue
+            except Exception as exc:  # noqa: BLE001 - a failing row (non-finite rollout...) must not stop the others
+                import traceback
+
+                emit({**base, "phase": "step", "error": f"{type(exc).__name__}: {exc}"[:500],
+                      "traceback": traceback.format_exc()[-3000:]})
+                continue
             common = {**base, "step_s": sorted(step_s)[len(step_s) // 2], "step_s_all": step_s,
                       "loss": rec["loss"], "skipped_step": rec["skipped"]}
             if meter.cuda:
@@ -272,6 +278,8 @@ def main(argv=None) -> int:
     failures = 0
 
     def emit(row: dict) -> None:
+        nonlocal failures
+        failures += 1 if "error" in row else 0
         row = {**row, **meta, "t_s": round(time.perf_counter() - t0, 1)}
         append_jsonl(args.jsonl, row)
         gib = lambda b: f"{b / 2**30:8.2f}" if isinstance(b, int) else f"{'-':>8}"  # noqa: E731
@@ -288,12 +296,11 @@ def main(argv=None) -> int:
         try:
             run_family(family, resolutions, args.executors, args, device, emit, deadline)
         except Exception as exc:  # noqa: BLE001 - one family's failure must not lose the other's rows
-            failures += 1
             import traceback
 
             emit({"family": family, "error": f"{type(exc).__name__}: {exc}"[:500],
                   "traceback": traceback.format_exc()[-3000:]})
-    print(f"# train_step: {failures} failed families ({time.perf_counter() - t0:.1f} s)")
+    print(f"# train_step: {failures} failed rows ({time.perf_counter() - t0:.1f} s)")
     return 1 if failures else 0
 
 

