@@ -6,8 +6,9 @@ when torch has CUDA and nvcc is found. With no torch in the build environment (a
 ``pip install .``) the install is pure Python and the kernels are compiled on first use (flowbp_kernels/_ext.py).
 Environment: FLOWBP_SKIP_CUDA_BUILD=1 (CPU only), FLOWBP_FORCE_CUDA_BUILD=1 (CUDA even with no visible GPU;
 fails without nvcc), FLOWBP_BUILD_CUDA=0/1 (same two, as ARCHITECTURE.md names them), FLOWBP_CUDA_ARCHS
-(default "8.0;9.0"), FLOWBP_SKIP_CPU_BUILD=1 (no extension at all), FLOWBP_CPU_NATIVE=0 (a portable build
-without -march=native; the default builds for the machine that compiles, as the kernels are built where used).
+(default DEFAULT_CUDA_ARCHS: sm_80 and sm_90 code plus sm_90 PTX), FLOWBP_SKIP_CPU_BUILD=1 (no extension
+at all), FLOWBP_CPU_NATIVE=0 (a portable build without -march=native; the default builds for the machine
+that compiles, as the kernels are built where used).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
+#: Machine code for A100 and H100/H200, and PTX of the highest one, which the driver compiles at load time on
+#: a newer GPU (without it, a GPU newer than the list gets "no kernel image is available").
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+#: nvcc flags of the CUDA kernels: no contraction of a*b+c into an FMA (the kernels round as the reference does).
+NVCC_FLAGS = ["-O3", "--fmad=false", "-DFLOWBP_WITH_CUDA"]
 
 
 def _flag(name: str) -> bool:
@@ -86,18 +92,19 @@ def extensions():
         _say(f"no C++ compiler ({cxx}): pure-Python install")
         return [], {}
     use_cuda, why = _want_cuda(torch, CUDA_HOME)
-    _say(f"building the CPU kernels; CUDA kernels: {'yes' if use_cuda else 'no'} ({why})")
+    _say(f"building the CPU kernels; CUDA kernels: {'yes' if use_cuda else 'no'} ({why})"
+         + (f"; archs {os.environ.get('FLOWBP_CUDA_ARCHS', DEFAULT_CUDA_ARCHS)}" if use_cuda else ""))
     cflags = cxx_flags(os.environ.get("FLOWBP_CPU_NATIVE", "1").strip() != "0")
     ldflags = ["-fopenmp"] if sys.platform != "darwin" else []
     if use_cuda:
-        archs = os.environ.get("FLOWBP_CUDA_ARCHS", "8.0;9.0")
+        archs = os.environ.get("FLOWBP_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         ext = CUDAExtension(
             "flowbp_kernels._C",
             cpu_sources() + cuda_sources(),
             extra_compile_args={
                 "cxx": cflags + ["-DFLOWBP_WITH_CUDA"],
-                "nvcc": ["-O3", "-DFLOWBP_WITH_CUDA"],
+                "nvcc": NVCC_FLAGS,
             },
             extra_link_args=ldflags,
         )

@@ -1,12 +1,16 @@
-"""Shared pieces of the engine benchmarks: a small random DiT velocity model, a reward, run metadata."""
+"""Shared pieces of the benchmarks: a small random DiT velocity model, a reward, run metadata, device timing
+(CUDA events around each call with an L2 flush before it, medians; host clock on CPU) and JSON-lines output
+written row by row, so a run stopped at its time limit keeps every row it finished."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,18 +109,23 @@ def median_time(fn, repeats=3) -> float:
 
 
 def metadata() -> dict:
+    """Device, versions and code revision for every result row. Without git history (the GPU kit's copy),
+    ``FLOWBP_GIT_REV`` / ``FLOWBP_TREE_SHA`` set by benchmarks/gpu_check.sh identify the code."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent).stdout.strip()
     except OSError:
-        rev = "unknown"
-    return {
+        rev = ""
+    meta = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git": rev,
+        "git": rev or os.environ.get("FLOWBP_GIT_REV", "unknown"),
         "threads": torch.get_num_threads(),
     }
+    if os.environ.get("FLOWBP_TREE_SHA"):
+        meta["tree_sha"] = os.environ["FLOWBP_TREE_SHA"]
+    return meta
 
 
 def write_json(name: str, payload: dict) -> Path:
@@ -124,3 +133,69 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+#: Bytes written between two timed GPU calls so that no input is still in L2 (H100/H200: 50-60 MB of L2).
+L2_FLUSH_BYTES = 256 << 20
+
+
+class DeviceTimer:
+    """Median time of calls, the same way for every implementation and the copy reference.
+
+    On CUDA: each repetition writes an L2_FLUSH_BYTES buffer, then records an event, runs the call and
+    records a second event (the flush also keeps the GPU busy while the host launches the call, so host
+    launch latency stays out of the number); the elapsed times are read after one synchronisation. On CPU:
+    the host clock around each call (no flush: CPU figures are in-cache by design). Implementations are
+    timed in alternation, round by round, so slow drifts of the clock hit all of them alike.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self._flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device) if self.cuda else None
+
+    def time(self, fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, float]:
+        """Median microseconds per call of each ``fns`` entry."""
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        if not self.cuda:
+            times = {k: [] for k in fns}
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append((time.perf_counter() - t0) * 1e6)
+            return {k: statistics.median(v) for k, v in times.items()}
+        torch.cuda.synchronize()
+        events = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                self._flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events[k].append((start, end))
+        torch.cuda.synchronize()
+        return {k: statistics.median(s.elapsed_time(e) * 1e3 for s, e in v) for k, v in events.items()}
+
+    def copy_gbps(self, nbytes: int, rounds: int = 20) -> float:
+        """GB/s of a device copy moving ``nbytes`` (half read, half written), timed as the ops are."""
+        n = max(1, nbytes // 8)
+        src = torch.empty(n, dtype=torch.float32, device=self.device).normal_()
+        dst = torch.empty_like(src)
+        us = self.time({"copy": lambda: dst.copy_(src)}, rounds)["copy"]
+        return 8 * n / us / 1e3
+
+
+def append_jsonl(path: str | os.PathLike | None, row: dict) -> None:
+    """Append one JSON line to ``path`` (created with its folder) and flush it to disk at once."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,7 +1,8 @@
 // Shared helpers of the flowbp kernels: dtype codes, bit-exact roundings, block loads for the CPU kernels.
-// The roundings are those of c10 (round to nearest even; bf16 NaN -> quiet NaN; e4m3fn saturates to
-// NaN at and above 464, the first value that does not round to 448), written branch-free so that the
-// CPU loops vectorize and the CUDA kernels share them. Limits: float, double, half and bfloat16 inputs.
+// The roundings are those of c10 (round to nearest even; bf16 NaN -> quiet NaN; e4m3fn: NaN stays NaN and
+// magnitudes from 464 up, the first value that does not round to 448, saturate to +-448, as torch's cast
+// does since it stopped giving NaN there), written branch-free so that the CPU loops vectorize and the CUDA
+// kernels share them. Limits: float, double, half and bfloat16 inputs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -111,18 +112,20 @@ C10_HOST_DEVICE inline uint16_t bf16_bits(float f) {
 
 C10_HOST_DEVICE inline float bf16_to_f32(uint16_t b) { return f32_from_bits(static_cast<uint32_t>(b) << 16); }
 
-// float -> float8 e4m3fn bits, round to nearest even (as c10::Float8_e4m3fn): magnitudes >= 464 and
-// NaN give NaN (0x7F); below 2^-6 the subnormal grid 2^-9 is reached by adding 2^14 (denorm trick).
+// float -> float8 e4m3fn bits, round to nearest even (as c10::Float8_e4m3fn): NaN gives NaN (0x7F),
+// magnitudes >= 464 (infinity included) saturate to 448 (0x7E); below 2^-6 the subnormal grid 2^-9 is
+// reached by adding 2^14 (denorm trick). The op only quantizes v / scale with |v / scale| <= 448.
 C10_HOST_DEVICE inline uint8_t e4m3fn_bits(float f) {
   uint32_t u = f32_bits(f);
   uint32_t sign = u & 0x80000000u;
   uint32_t a = u ^ sign;
-  const uint32_t kNanFrom = 1087u << 20;     // 464.0f
-  const uint32_t kNormalFrom = 121u << 23;   // 2^-6
-  const uint32_t kDenormMagic = 141u << 23;  // 2^14
+  const uint32_t kSaturateFrom = 0x43E80000u;  // 464.0f, halfway from 448 to the next (absent) step
+  const uint32_t kInfBits = 0x7F800000u;       // above it: NaN
+  const uint32_t kNormalFrom = 121u << 23;     // 2^-6
+  const uint32_t kDenormMagic = 141u << 23;    // 2^14
   uint32_t sub = f32_bits(f32_from_bits(a) + f32_from_bits(kDenormMagic)) - kDenormMagic;
   uint32_t norm = (a + ((uint32_t)(7 - 127) << 23) + 0x7FFFFu + ((a >> 20) & 1u)) >> 20;
-  uint32_t r = a >= kNanFrom ? 0x7Fu : (a < kNormalFrom ? sub : norm);
+  uint32_t r = a > kInfBits ? 0x7Fu : (a >= kSaturateFrom ? 0x7Eu : (a < kNormalFrom ? sub : norm));
   return static_cast<uint8_t>(r | (sign >> 24));
 }
 

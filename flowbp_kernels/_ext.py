@@ -87,7 +87,7 @@ def _jit_build() -> str:
         name=name,
         sources=sources,
         extra_cflags=cflags,
-        extra_cuda_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "--fmad=false", "-DFLOWBP_WITH_CUDA"],  # as setup.py: no FMA contraction
         extra_ldflags=["-fopenmp"] if sys.platform != "darwin" else [],
         build_directory=str(build),
         with_cuda=want_cuda,
@@ -97,6 +97,9 @@ def _jit_build() -> str:
     return f"jit ({build})"
 
 
+# torch.compile: dynamo cannot trace the lock (nor the loading), so it runs this function as it is and takes
+# the result as a constant of the graph; the first op call of a process may then happen under tracing.
+@torch.compiler.assume_constant_result
 def load() -> bool:
     """Load the extension once (prebuilt, else JIT unless ``FLOWBP_JIT=0``). True when the ops are registered."""
     if _state["tried"]:

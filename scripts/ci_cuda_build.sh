@@ -2,15 +2,16 @@
 # CI job (b): build the CUDA kernels against a CUDA torch (2.14.1, CUDA 13.0) on a machine without a GPU,
 # then load the extension and check that every op has CPU and CUDA kernels registered. Nothing CUDA runs.
 # The build happens in a temporary copy of the tree, so the repository's own (CPU) build is untouched.
-# Env: VENV (default /tmp/flowbp-cuda-venv), PYTHON (default python3), FLOWBP_CUDA_ARCHS (default 9.0 here:
-# one architecture keeps the job within its budget; the package default is "8.0;9.0"), MAX_JOBS (default 2),
+# Env: VENV (default /tmp/flowbp-cuda-venv), PYTHON (default python3), FLOWBP_CUDA_ARCHS (default 9.0+PTX here:
+# one architecture keeps the job within its budget; the package default is "8.0;9.0+PTX"), MAX_JOBS (default 2),
 # FLOWBP_CUDA_BUILD_DIR (build in this folder and keep it, e.g. to run the tests there; default: a
-# temporary folder, removed at the end).
+# temporary folder, removed at the end). The built module is checked to hold sm_90 machine code and PTX
+# (cuobjdump, from the toolkit or Triton's copy). KEEP_SO=DIR copies the built module there.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-/tmp/flowbp-cuda-venv}"
 PYTHON="${PYTHON:-python3}"
-export FLOWBP_CUDA_ARCHS="${FLOWBP_CUDA_ARCHS:-9.0}"
+export FLOWBP_CUDA_ARCHS="${FLOWBP_CUDA_ARCHS:-9.0+PTX}"
 export MAX_JOBS="${MAX_JOBS:-2}"
 # torch derives CUDA_HOME from `which nvcc`; a /usr/local/bin/nvcc link or wrapper script gives /usr/local,
 # where there is no libcudart: take the toolkit folder that has both nvcc and the runtime library
@@ -45,6 +46,20 @@ fi
 cd "$WORK"
 FLOWBP_FORCE_CUDA_BUILD=1 "$PY" setup.py -q build_ext --inplace
 ls flowbp_kernels/_C*.so
+CUOBJDUMP="$(command -v cuobjdump || ls "$CUDA_HOME"/bin/cuobjdump 2>/dev/null || \
+  "$PY" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))")"
+if [ -x "$CUOBJDUMP" ]; then
+  ELF="$("$CUOBJDUMP" --list-elf flowbp_kernels/_C*.so)"
+  PTX="$("$CUOBJDUMP" --list-ptx flowbp_kernels/_C*.so)"
+  echo "module holds machine code for: $(grep -o 'sm_[0-9a-z]*' <<<"$ELF" | sort -u | tr '\n' ' ')" \
+    "and PTX for: $(grep -o 'sm_[0-9a-z]*' <<<"$PTX" | sort -u | tr '\n' ' ')"
+  grep -q "sm_90" <<<"$ELF" || { echo "no sm_90 machine code in the module"; exit 1; }
+  if [[ "$FLOWBP_CUDA_ARCHS" == *PTX* ]]; then
+    grep -q "sm_90" <<<"$PTX" || { echo "no sm_90 PTX in the module"; exit 1; }
+  fi
+else
+  echo "cuobjdump not found: architectures of the module not checked"
+fi
 
 FLOWBP_JIT=0 PYTHONPATH="$WORK" "$PY" - <<'PYEOF'
 import torch
@@ -60,4 +75,5 @@ assert st["cuda"], st
 assert not torch.cuda.is_initialized()
 print("ops registered with CPU and CUDA kernels:", ", ".join(_ext.OPS))
 PYEOF
+if [ -n "${KEEP_SO:-}" ]; then mkdir -p "$KEEP_SO" && cp flowbp_kernels/_C*.so "$KEEP_SO"/; fi
 echo "ci_cuda_build: ok in $(( $(date +%s) - t0 )) s"

@@ -6,7 +6,8 @@
 #   job (b): a venv with torch 2.14.1 + torchvision (CUDA 13 build, from local disk here): the CUDA
 #            extension is built (compiled, not run) in a copy of the tree, then every test runs again there
 #            at OMP_NUM_THREADS=1, on that build's CPU path (other ATen kernels and SIMD dispatch, the
-#            extension compiled against it), the open_clip reward tests included.
+#            extension compiled against it), the open_clip reward tests included; then the GPU kit's dry
+#            run (every stage on the CPU, with the wheels scripts/make_wheels.sh fetches).
 # So the suite runs at 1 and at 2 threads and on two torch builds: a result that depends on the thread
 # count or the build fails here. Both jobs together stay within the CI budget (20 minutes on 2 cores).
 # Environment: VENV (default .venv), VENV_CUDA (default .venv-cuda), FLOWBP_SKIP_JOB_B=1 skips job (b).
@@ -39,5 +40,9 @@ if [ "${FLOWBP_SKIP_JOB_B:-0}" != "1" ]; then
   FLOWBP_CUDA_BUILD_DIR="$BUILD_B" VENV="$VENV_CUDA" bash scripts/ci_cuda_build.sh
   (cd "$BUILD_B" && OMP_NUM_THREADS=1 PYTHONPATH="$BUILD_B:$BUILD_B/python" \
     "$VENV_CUDA/bin/python" -m pytest -q -p no:cacheprovider tests)
+  echo "== job (b): the GPU kit's dry run (benchmarks/gpu_check.sh --dry-run, with the wheels it carries)"
+  PYTHON="$VENV_CUDA/bin/python" bash scripts/make_wheels.sh
+  OUT="$(mktemp -d)" PYTHON="$VENV_CUDA/bin/python" FLOWBP_PREBUILT_SO="$(ls "$BUILD_B"/flowbp_kernels/_C*.so | head -1)" \
+    bash benchmarks/gpu_check.sh --dry-run
 fi
 echo "== all test jobs passed"

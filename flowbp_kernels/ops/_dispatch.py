@@ -43,6 +43,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip() == "1"
 
 
+@torch.compiler.assume_constant_result  # import machinery: evaluated, not traced, under torch.compile
 def _triton_why_not() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -82,6 +83,8 @@ def _why_not(backend: str, tensor: torch.Tensor, check: Check | None) -> str | N
     return check(backend) if check is not None else None
 
 
+# under torch.compile the call runs as it is at trace time (dynamo cannot trace logging), once per graph
+@torch.compiler.assume_constant_result
 def _log_once(key: str, msg: str) -> None:
     if key not in _logged:
         _logged.add(key)

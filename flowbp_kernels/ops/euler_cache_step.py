@@ -15,8 +15,9 @@ Formats and their error bounds (per element, on read-back in fp32):
 
 Backends (ops/_dispatch.py): the compiled CPU/CUDA kernels (csrc/euler_cache_step/) and Triton
 (triton/euler_cache_step.py) read x and v once and write all outputs in the same pass; the fp8 rows are
-quantized by the same fp32 operations as the reference, so the CPU kernel and the interpreter are
-bit-exact and a GPU may differ only where its division rounds differently (within the bound above).
+quantized by the same fp32 operations as the reference. The definition is ``scale = RN(amax / 448)`` and
+``data = e4m3(RN(v / scale))`` with correctly rounded divisions (torch's, the CPU's, ``__fdiv_rn`` in CUDA,
+``div_rn`` in Triton, whose plain ``/`` is approximate on a GPU), so every backend is bit-exact.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def _compiled(x, v, h, velocity_format, latent_dtype):
 
 
 def _triton(x, v, h, velocity_format, latent_dtype):
-    from flowbp_kernels.triton.euler_cache_step import euler_cache_step_fwd
+    from flowbp_kernels.triton import euler_cache_step as kernels
 
     writes = _writes(x, v, velocity_format, latent_dtype)
-    outs = euler_cache_step_fwd(x, v, h, _FORMAT_CODE[velocity_format], latent_dtype, *writes)
+    # under torch.compile, the custom op: dynamo keeps the launch opaque
+    launch = kernels.euler_cache_step_fwd_op if torch.compiler.is_compiling() else kernels.euler_cache_step_fwd
+    outs = launch(x, v, h, _FORMAT_CODE[velocity_format], latent_dtype, *writes)
     return _finish(x, v, velocity_format, outs, writes)
 
 

@@ -41,9 +41,12 @@ def _compiled_fwd(anchor, nodes, weights, target, base):
 
 
 def _triton_fwd(anchor, nodes, weights, target, base):
-    from flowbp_kernels.triton.lagrange_leap import lagrange_leap_fwd
+    from flowbp_kernels.triton import lagrange_leap as kernels
 
-    return lagrange_leap_fwd(anchor, nodes, weights, target, base)
+    if torch.compiler.is_compiling():  # the custom op: dynamo keeps the launch opaque
+        out, res = kernels.lagrange_leap_fwd_op(anchor, nodes, [float(w) for w in weights], target, base)
+        return out, (res if target is not None else None)
+    return kernels.lagrange_leap_fwd(anchor, nodes, weights, target, base)
 
 
 _FORWARD = {"torch": ref.lagrange_leap_ref, "cpu": _compiled_fwd, "cuda": _compiled_fwd, "triton": _triton_fwd}
@@ -85,7 +88,10 @@ class LagrangeLeap(torch.autograd.Function):
     """Autograd Function: ``(anchor, base, target, weights, scales, *nodes) -> (out, residual)``."""
 
     @staticmethod
-    def forward(ctx, anchor, base, target, weights, scales, *nodes):
+    def forward(ctx, *args):
+        # one *args, unpacked here: named parameters before *nodes get misbound by dynamo (torch.compile)
+        # when non-tensors precede two or more nodes
+        anchor, base, target, weights, scales, *nodes = args
         out, residual = _leap_forward(anchor, list(nodes), weights, target, base)
         ctx.weights, ctx.scales = weights, scales
         ctx.node_dtypes = [u.dtype for u in nodes]

@@ -25,9 +25,11 @@ def _compiled(upstream, adjoint, coefs, out_dtype):
 
 
 def _triton(upstream, adjoint, coefs, out_dtype):
-    from flowbp_kernels.triton.surrogate_vjp import surrogate_vjp_fwd
+    from flowbp_kernels.triton import surrogate_vjp as kernels
 
-    return surrogate_vjp_fwd(upstream, adjoint, coefs, out_dtype)
+    if torch.compiler.is_compiling():  # the custom op: dynamo keeps the launch opaque
+        return kernels.surrogate_vjp_fwd_op(upstream, adjoint, list(coefs), out_dtype)
+    return kernels.surrogate_vjp_fwd(upstream, adjoint, coefs, out_dtype)
 
 
 _IMPL = {"torch": ref.surrogate_vjp_ref, "cpu": _compiled, "cuda": _compiled, "triton": _triton}

@@ -1,8 +1,10 @@
 """Bit-exact conversions shared by the Triton kernels (same roundings as c10 and csrc/common.h).
 
 bf16 <-> fp32 by shifts (round to nearest even, NaN -> 0x7FC0), fp32 -> e4m3fn by the c10 algorithm
-(subnormals by adding 2^14, normals by integer rounding of the mantissa, >= 464 or NaN -> NaN). Kinds:
-0 fp32, 1 fp16, 2 bf16 (an int16 view of the tensor), 3 e4m3fn (a uint8 view).
+(subnormals by adding 2^14, normals by integer rounding of the mantissa; NaN -> NaN, and magnitudes from
+464 up, infinity included, saturate to +-448 as torch's cast does since it stopped giving NaN there; the
+op's scaled values never exceed 448 anyway). Kinds: 0 fp32, 1 fp16, 2 bf16 (an int16 view of the tensor),
+3 e4m3fn (a uint8 view).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def e4m3fn_bits(f):
     a = u & 0x7FFFFFFF
     sub = (a.to(tl.float32, bitcast=True) + 16384.0).to(tl.uint32, bitcast=True) - (141 << 23)
     norm = (a - (120 << 23) + 0x7FFFF + ((a >> 20) & 1)) >> 20
-    r = tl.where(a >= (1087 << 20), 0x7F, tl.where(a < (121 << 23), sub, norm))
+    # NaN above the infinity pattern; from 464.0 (0x43E80000) up, infinity included, saturate to 448 (0x7E)
+    r = tl.where(a > 0x7F800000, 0x7F, tl.where(a >= 0x43E80000, 0x7E, tl.where(a < (121 << 23), sub, norm)))
     return (r | ((u >> 31) << 7)).to(tl.uint8)
 
 

@@ -1,8 +1,12 @@
 """Triton kernel of ``euler_cache_step``: x_next = x + h v, x_cached, and v compressed, in one pass.
 
 One program covers ROWS rows of the last dimension (padded to BLOCK_C, a power of two up to
-MAX_BLOCK_C), so the fp8 row absmax is a reduction inside the tile. Math: ops/reference.py
-euler_cache_step_ref. Limits: fp32 working precision; rows longer than MAX_BLOCK_C are not served.
+MAX_BLOCK_C), so the fp8 row absmax is a reduction inside the tile; warps grow with the tile. The fp8
+scale is ``RN(amax / 448)`` and each value ``RN(v / scale)``, correctly rounded divisions (``div_rn``: Triton's
+``/`` is approximate on a GPU), which is the definition the reference, the CPU and the CUDA kernels share.
+``euler_cache_step_fwd_op`` is the launcher as a torch custom op, opaque to torch.compile. Math:
+ops/reference.py euler_cache_step_ref. Limits: fp32 working precision; rows longer than MAX_BLOCK_C are
+not served.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import triton
 import triton.language as tl
 
 from flowbp_kernels.triton._convert import e4m3fn_bits, kernel_arg, load_f32, store_f32
+from flowbp_kernels.triton._launch import LAUNCH_OPTIONS, device_guard, num_warps_for
 
 #: Longest row one tile holds (64 KiB of fp32 per operand); longer rows go to another backend.
 MAX_BLOCK_C = 16384
@@ -43,9 +48,9 @@ def _euler_cache_step_kernel(
     else:
         amax = tl.max(tl.where(mask, tl.abs(v), 0.0), axis=1)
         has_nan = tl.max(tl.where(mask & (v != v), 1, 0), axis=1)
-        scale = tl.maximum(amax / 448.0, 1e-30)
+        scale = tl.maximum(tl.math.div_rn(amax, 448.0), 1e-30)
         scale = tl.where(has_nan > 0, float("nan"), scale)
-        tl.store(vd_ptr + offs, e4m3fn_bits(v / scale[:, None]), mask=mask)
+        tl.store(vd_ptr + offs, e4m3fn_bits(tl.math.div_rn(v, scale[:, None])), mask=mask)
         tl.store(sc_ptr + r, scale, mask=rmask)
 
 
@@ -91,9 +96,27 @@ def euler_cache_step_fwd(
     ck, ckind = kernel_arg(x_cached) if write_cached else (x_next, 0)
     dk, _ = kernel_arg(v_data) if write_data else (x_next, 0)
     grid = (triton.cdiv(rows, rows_per),)
-    _euler_cache_step_kernel[grid](
-        xk, vk, x_next, ck, dk, v_scale if fmt == 2 else x_next, float(h), rows, cols,
-        X_KIND=xkind, V_KIND=vkind, L_KIND=ckind, FMT=fmt, WRITE_CACHED=write_cached, WRITE_DATA=write_data,
-        ROWS=rows_per, BLOCK_C=block_c,
-    )  # fmt: skip
+    with device_guard(x):
+        _euler_cache_step_kernel[grid](
+            xk, vk, x_next, ck, dk, v_scale if fmt == 2 else x_next, float(h), rows, cols,
+            X_KIND=xkind, V_KIND=vkind, L_KIND=ckind, FMT=fmt, WRITE_CACHED=write_cached, WRITE_DATA=write_data,
+            ROWS=rows_per, BLOCK_C=block_c, num_warps=num_warps_for(rows_per * block_c), **LAUNCH_OPTIONS,
+        )  # fmt: skip
     return x_next, x_cached, v_data, v_scale
+
+
+@torch.library.custom_op("flowbp_triton::euler_cache_step", mutates_args=())
+def euler_cache_step_fwd_op(x: torch.Tensor, v: torch.Tensor, h: float, fmt: int, latent_dtype: torch.dtype,
+                            write_cached: bool, write_data: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`euler_cache_step_fwd` for torch.compile (dynamo does not trace a Triton launch with our options)."""
+    return euler_cache_step_fwd(x, v, h, fmt, latent_dtype, write_cached, write_data)
+
+
+@euler_cache_step_fwd_op.register_fake
+def _(x, v, h, fmt, latent_dtype, write_cached, write_data):
+    data_dtype = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)[fmt]
+    scale_shape = (*x.shape[:-1], 1) if fmt == 2 else (0,)
+    x_cached = x.new_empty(x.shape if write_cached else (0,), dtype=latent_dtype)
+    v_data = x.new_empty(x.shape if write_data else (0,), dtype=data_dtype)
+    return x.new_empty(x.shape, dtype=torch.float32), x_cached, v_data, x.new_empty(scale_shape, dtype=torch.float32)

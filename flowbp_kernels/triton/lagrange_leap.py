@@ -4,6 +4,7 @@ target and per-block partial sums of |xhat - target|, in one pass over every inp
 Up to MAX_NODES nodes per launch (pointer arguments, pruned by the NUM_NODES constexpr); more nodes
 chain launches through the fp32 output (the same additions in the same order). Grid: (blocks per
 sample, batch); the per-block partial sums are added on the host in float64 (deterministic).
+``lagrange_leap_fwd_op`` is the same launcher as a torch custom op, which torch.compile keeps opaque.
 Math: ops/reference.py lagrange_leap_ref. Limits: fp32 working precision.
 """
 
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from flowbp_kernels.triton._convert import TRITON_DTYPES, kernel_arg, load_f32
+from flowbp_kernels.triton._launch import LAUNCH_OPTIONS, device_guard, num_warps_for
 
 MAX_NODES = 8
 BLOCK = 1024
@@ -93,12 +95,29 @@ def lagrange_leap_fwd(anchor, nodes, weights, target, base):
         mask = sum(1 << k for k, (_, kind) in enumerate(us) if kind == 2)
         bk, bkind = kernel_arg(base.contiguous()) if (ci == 0 and base is not None) else (cur, 0)
         tk, tkind = kernel_arg(target.contiguous()) if (last and target is not None) else (cur, 0)
-        _lagrange_leap_fwd_kernel[(nblocks, batch)](
-            cur, bk, tk, out, part, *ptrs, *ws, per, nblocks,
-            A_KIND=cur_kind, B_KIND=bkind, T_KIND=tkind, HAS_BASE=ci == 0 and base is not None,
-            HAS_TARGET=last and target is not None, NUM_NODES=len(us), U_BF16=mask, BLOCK=BLOCK,
-        )  # fmt: skip
+        with device_guard(anchor):
+            _lagrange_leap_fwd_kernel[(nblocks, batch)](
+                cur, bk, tk, out, part, *ptrs, *ws, per, nblocks,
+                A_KIND=cur_kind, B_KIND=bkind, T_KIND=tkind, HAS_BASE=ci == 0 and base is not None,
+                HAS_TARGET=last and target is not None, NUM_NODES=len(us), U_BF16=mask, BLOCK=BLOCK,
+                num_warps=num_warps_for(BLOCK), **LAUNCH_OPTIONS,
+            )  # fmt: skip
         cur, cur_kind = out, 0
     if target is None:
         return out, None
     return out, (part.double().sum(dim=1) / per).float()
+
+
+@torch.library.custom_op("flowbp_triton::lagrange_leap_fwd", mutates_args=())
+def lagrange_leap_fwd_op(anchor: torch.Tensor, nodes: list[torch.Tensor], weights: list[float],
+                         target: torch.Tensor | None, base: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lagrange_leap_fwd` for torch.compile (dynamo does not trace a Triton launch with our compile
+    options); the residual is empty without a target."""
+    out, res = lagrange_leap_fwd(anchor, nodes, weights, target, base)
+    return out, (res if res is not None else out.new_empty(0))
+
+
+@lagrange_leap_fwd_op.register_fake
+def _(anchor, nodes, weights, target, base):
+    res = anchor.new_empty((anchor.shape[0] if target is not None else 0,), dtype=torch.float32)
+    return anchor.new_empty(anchor.shape, dtype=torch.float32), res

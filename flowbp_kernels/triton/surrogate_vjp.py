@@ -2,7 +2,8 @@
 
 Up to MAX_NODES cotangents per launch (more: further launches over the same inputs). Also the
 backward of ``lagrange_leap`` (adjoint None, coefs w_m * scale_m). Math: ops/reference.py
-surrogate_vjp_ref. Limits: fp32 working precision; outputs float32/float16/bfloat16.
+surrogate_vjp_ref. ``surrogate_vjp_fwd_op``: the launcher as a torch custom op, opaque to torch.compile.
+Limits: fp32 working precision; outputs float32/float16/bfloat16.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import triton
 import triton.language as tl
 
 from flowbp_kernels.triton._convert import TRITON_DTYPES, kernel_arg, load_f32, store_f32
+from flowbp_kernels.triton._launch import LAUNCH_OPTIONS, device_guard, num_warps_for
 
 MAX_NODES = 8
 BLOCK = 1024
@@ -26,6 +28,7 @@ def _surrogate_vjp_kernel(
 ):  # fmt: skip
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    n = tl.cast(n, tl.int64)  # m * n: the offset of cotangent m passes 2^31 well before n does
     g = load_f32(g_ptr, offs, mask, G_KIND)
     if HAS_ADJ:
         g = g + load_f32(a_ptr, offs, mask, A_KIND)
@@ -69,9 +72,22 @@ def surrogate_vjp_fwd(upstream, adjoint, coefs, out_dtype):
     grid = (triton.cdiv(n, BLOCK),)
     for m0 in range(0, p, MAX_NODES):
         cs = [float(c) for c in coefs[m0 : m0 + MAX_NODES]]
-        _surrogate_vjp_kernel[grid](
-            gk, ak, ok[m0:], n, *(cs + [0.0] * (MAX_NODES - len(cs))),
-            G_KIND=gkind, A_KIND=akind, HAS_ADJ=adjoint is not None, O_KIND=okind,
-            NUM_NODES=len(cs), BLOCK=BLOCK,
-        )  # fmt: skip
+        with device_guard(upstream):
+            _surrogate_vjp_kernel[grid](
+                gk, ak, ok[m0:], n, *(cs + [0.0] * (MAX_NODES - len(cs))),
+                G_KIND=gkind, A_KIND=akind, HAS_ADJ=adjoint is not None, O_KIND=okind,
+                NUM_NODES=len(cs), BLOCK=BLOCK, num_warps=num_warps_for(BLOCK), **LAUNCH_OPTIONS,
+            )  # fmt: skip
     return out
+
+
+@torch.library.custom_op("flowbp_triton::surrogate_vjp", mutates_args=())
+def surrogate_vjp_fwd_op(upstream: torch.Tensor, adjoint: torch.Tensor | None, coefs: list[float],
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`surrogate_vjp_fwd` for torch.compile (dynamo does not trace a Triton launch with our options)."""
+    return surrogate_vjp_fwd(upstream, adjoint, coefs, out_dtype)
+
+
+@surrogate_vjp_fwd_op.register_fake
+def _(upstream, adjoint, coefs, out_dtype):
+    return upstream.new_empty((len(coefs), *upstream.shape), dtype=out_dtype)

@@ -28,6 +28,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: Elements per row (the last dimension) and batch sizes every op is tried on.
 ROW_SIZES = [1, 7, 97, 1025]
 BATCHES = [1, 3]
+#: Shapes whose size and rows are multiples of the CUDA kernels' 8-element groups: aligned, they take the
+#: 128-bit path; at an odd storage offset the same values take the scalar path (test_alignment_*).
+ALIGNMENT_SHAPES = [(2, 3, 64), (1, 40, 136)]
 
 
 def _triton_reason() -> str | None:
@@ -91,3 +94,22 @@ def make(shape, dtype, device, seed, noncontig=False) -> torch.Tensor:
         full = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64)
         return full.to(dtype).to(device)[..., ::2]
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+
+def at_offset(t: torch.Tensor | None, offset: int = 1) -> torch.Tensor | None:
+    """A contiguous copy of ``t`` starting ``offset`` elements into its storage: not 16-byte aligned."""
+    if t is None:
+        return None
+    out = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)[offset:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def bits_equal(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Same dtype, shape and bit pattern (NaNs included)."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.detach().cpu().contiguous().view(view), b.detach().cpu().contiguous().view(view))

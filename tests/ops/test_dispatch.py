@@ -115,6 +115,8 @@ def _op_samples(device="cpu"):
     x = make((2, 3, 5), torch.float32, device, 0)
     v = make((2, 3, 5), torch.bfloat16, device, 1)
     t = make((2, 3, 5), torch.float32, device, 2)
+    nine = [make((2, 3, 5), (torch.bfloat16, torch.float32, torch.float16)[m % 3], device, 10 + m) for m in range(9)]
+    w9 = [0.5 - 0.25 * m for m in range(9)]
     ops = torch.ops.flowbp
     return [
         (ops.euler_cache_step.default, (x, v, -0.1, 0, torch.float32)),
@@ -123,16 +125,55 @@ def _op_samples(device="cpu"):
         (ops.euler_cache_step.default, (x, x, -0.1, 0, torch.float32, False, False)),
         (ops.lagrange_leap_fwd.default, (x, [v, x], [0.5, -1.0], t, None)),
         (ops.lagrange_leap_fwd.default, (x, [v], [0.5], None, t)),
+        # more nodes than one CUDA launch takes, with a base: the launches chain through the output
+        (ops.lagrange_leap_fwd.default, (x, nine, w9, t, v)),
+        (ops.lagrange_leap_fwd.default, (x, nine, w9, None, t)),
         (ops.surrogate_vjp.default, (x, t, [0.5, 2.0], torch.bfloat16)),
         (ops.surrogate_vjp.default, (x, None, [1.0], torch.float32)),
     ]
 
 
+_N_SAMPLES = 10
+requires_cuda_ext = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ext.load() and _ext.status()["cuda"]), reason="requires CUDA kernels and a GPU"
+)
+
+
 @requires_ext
-@pytest.mark.parametrize("case", range(8))
-def test_opcheck_registered_ops(case):
-    op, args = _op_samples()[case]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda_ext)])
+@pytest.mark.parametrize("case", range(_N_SAMPLES))
+def test_opcheck_registered_ops(case, device):
+    samples = _op_samples(device)
+    assert len(samples) == _N_SAMPLES
+    op, args = samples[case]
     torch.library.opcheck(op, args)
+
+
+def test_fullgraph_compile_as_the_first_op_call_of_a_process():
+    """torch.compile(fullgraph=True) over the public ops as the first call of a fresh process (the loader
+    runs at trace time, not traced), on the automatic backend, then the Triton launchers (a custom op under
+    compile; interpreted here) and the torch reference; each compiled result equals the eager one."""
+    code = (
+        "import os, torch, flowbp_kernels as fb\n"
+        "def f(a, u, t):\n"
+        "    out, res = fb.lagrange_leap(a, [u, u], [0.5, -0.25], t)\n"
+        "    g = fb.surrogate_vjp(out, None, [2.0, 1.0], out_dtype=torch.bfloat16)\n"
+        "    xn, xc, d, s = fb.euler_cache_step(a, u, -0.1, velocity_format='fp8')\n"
+        "    return out, res, g, xn, d.view(torch.uint8), s\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "a, t = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)\n"
+        "u = torch.randn(2, 3, 16, generator=g).bfloat16()\n"
+        "for backend in ('auto', 'triton', 'torch'):\n"
+        "    os.environ['FLOWBP_BACKEND'] = backend\n"
+        "    torch._dynamo.reset()\n"
+        "    got = torch.compile(f, backend='aot_eager', fullgraph=True)(a, u, t)\n"
+        "    want = f(a, u, t)\n"
+        "    assert all(torch.equal(x, y) for x, y in zip(got, want)), backend\n"
+        "    print('compiled', backend)\n"
+    )
+    r = _run(code, TRITON_INTERPRET="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["compiled", "auto", "compiled", "triton", "compiled", "torch"], r.stdout
 
 
 @requires_ext
