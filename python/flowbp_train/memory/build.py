@@ -187,8 +187,8 @@ def prompt_encoder(family: str, spec: dict, encoders: dict[str, torch.nn.Module]
 
 
 def build_adapter(cfg, *, on_host: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                  spec: dict | None = None):
-    """The family's adapter around a pipeline built from configs (``cfg``: a ``TrainConfig``)."""
+                  spec: dict | None = None, device: str = "cpu"):
+    """The family's adapter around a pipeline built from configs (``cfg``: a ``TrainConfig``) on ``device``."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     family = cfg.family
@@ -201,7 +201,7 @@ def build_adapter(cfg, *, on_host: Callable[[], contextlib.AbstractContextManage
     with torch._subclasses.fake_tensor.unset_fake_temporarily():  # its tables are tiny: keep them real
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(spec.get("scheduler") or {})
     encode = prompt_encoder(family, spec, encoders, transformer.config, cfg.max_sequence_length, on_host)
-    kw = dict(resolution=cfg.resolution, guidance_scale=cfg.guidance_scale, device="cpu", dtype=dtype,
+    kw = dict(resolution=cfg.resolution, guidance_scale=cfg.guidance_scale, device=device, dtype=dtype,
               max_sequence_length=cfg.max_sequence_length, prompt_encoder=encode)
     if family == "flux1":
         from diffusers import FluxPipeline
@@ -288,6 +288,17 @@ def clip_config(arch: str):
         raise ValueError(f"reward tower {arch!r} is not shipped; expected one of {', '.join(towers)}")
     t = towers[arch]
     return CLIPConfig(text_config=t["text"], vision_config=t["vision"], projection_dim=t["projection_dim"])
+
+
+def tiny_clip_config():
+    """A CLIP config of a few thousand parameters (tests and CPU smoke runs)."""
+    from transformers import CLIPConfig
+
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, vocab_size=49408)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14,
+                  image_size=28)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
 
 
 def build_reward(cfg, config_override=None):

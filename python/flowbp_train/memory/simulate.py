@@ -9,14 +9,16 @@ only a planning run needs is confined here, applied only while planning: convers
 return early and real ones go through ``.data`` (``Module.to`` cannot swap fake parameters); scalar reads
 of fakes answer neutral values (finite, 1.0); AdamW and clipping take their GPU defaults (``foreach``);
 phases are named by hooks; one AdamW warm-up step with zero gradients gives the steady state; no-grad
-transformer forwards of identical shapes are simulated once and replayed (exact: a forward without grad
-keeps nothing, so its allocation sequence depends only on the shapes; tested against a full run).
+transformer forwards of identical shapes are simulated once and replayed (a forward without grad keeps
+nothing, so its allocation sequence depends only on the shapes; against a full run the replay may keep a
+few small per-call tensors until the step ends: 10 KiB on the tiny test model, tested).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from flowbp_train.memory.tracker import MemoryTracker, Trace
 
@@ -199,25 +202,33 @@ class _ForwardMemo:
             return ("O", id(v))
         return one(tuple(args)), one(dict(kwargs))
 
+    def _arg_tensors(self, args, kwargs) -> list[torch.Tensor]:
+        return [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+
     def __call__(self, *args, **kwargs):
         if torch.is_grad_enabled():
             return self.orig(*args, **kwargs)
         key = self._sig(args, kwargs)
         rec = self.memo.get(key)
+        tensors = self._arg_tensors(args, kwargs)
         if rec is None:
+            arg_ids = [a.aid if a is not None else None for a in map(self.tr._lookup, tensors)]
             with self.tr.recording() as events:
                 out = self.orig(*args, **kwargs)
             if not (isinstance(out, tuple) and all(isinstance(o, torch.Tensor) for o in out)):
                 return out
             outs = [self.tr._lookup(o) for o in out]
             self.memo[key] = (events, [(tuple(o.shape), o.stride(), o.dtype) for o in out],
-                              [a.aid if a is not None else None for a in outs])
+                              [a.aid if a is not None else None for a in outs], arg_ids)
             return out
         self.hits += 1
-        events, metas, out_ids = rec
+        events, metas, out_ids, arg_ids = rec
+        del args, kwargs  # the caller's references only, as in the recorded call
+        argmap = {aid: t for aid, t in zip(arg_ids, tensors) if aid is not None}
+        del tensors
         with self.fake_mode:
             return self.tr.replay(events, out_ids, lambda: tuple(
-                torch.empty_strided(s, st, dtype=d) for s, st, d in metas))
+                torch.empty_strided(s, st, dtype=d) for s, st, d in metas), argmap)
 
 
 # ------------------------------------------------------------------------------- the run
@@ -268,6 +279,11 @@ def simulate(cfg, *, fake: bool = True, reward_factory: Callable | None = None, 
         if memoize and fake and tr.strategy == "none":
             memo = _ForwardMemo(adapter.transformer, tracker, fake_mode)
             stack.enter_context(mock.patch.object(adapter.transformer, "forward", memo))
+        # reference cycles are freed by the cyclic collector at unpredictable moments: collect now and hold
+        # it during the measured steps, so the trace is the same on every run (cycles are freed at the end)
+        gc.collect()
+        gc.disable()
+        stack.callback(gc.enable)
         with phases.install(tr, trainer_module), tracker:
             tracker.restart()
             tr.training_step()
@@ -276,6 +292,7 @@ def simulate(cfg, *, fake: bool = True, reward_factory: Callable | None = None, 
             sample_trace = None
             if sample:
                 tracker.phase = "sample: encode"
+                gc.collect()
                 tracker.restart()
                 _sample_step(tr, tracker)
                 sample_trace = tracker.trace

@@ -265,11 +265,14 @@ class MemoryTracker(TorchDispatchMode):
         finally:
             events.extend(self.trace.events[start:])
 
-    def replay(self, events: list, out_ids: list, make_outputs):
+    def replay(self, events: list, out_ids: list, make_outputs, args: dict | None = None):
         """Emit ``events`` (from :meth:`recording`) again with fresh ids, as if the recorded call ran once
         more, then attach the tensors ``make_outputs()`` returns to the allocations of ``out_ids`` (the
-        recorded outputs, still live at its end). Frees of allocations older than the call are skipped."""
+        recorded outputs, still live at its end). ``args``: recorded alloc id -> the tensor now in that
+        argument's place; a recorded free of an argument (its last reference dropped inside the call)
+        frees the current one at the same point. Other frees of allocations older than the call are skipped."""
         idmap: dict[int, int] = {}
+        argkeys = {aid: t.untyped_storage()._cdata for aid, t in (args or {}).items()}
         for kind, aid, size in events:
             if kind == _ALLOC:
                 new = self._next_id
@@ -287,6 +290,8 @@ class MemoryTracker(TorchDispatchMode):
                     pp[self.phase] = self.allocated
             elif aid in idmap:
                 self._free(("virtual", idmap[aid]))
+            elif aid in argkeys and argkeys[aid] in self.live and not self.live[argkeys[aid]].host:
+                self._free(argkeys.pop(aid))
         outs = make_outputs()
         for t, aid in zip(outs, out_ids):
             new = idmap.get(aid) if aid is not None else None
