@@ -1,31 +1,28 @@
-"""Peak memory and time of one training step per family, method and executor, at 512 and 1024.
+"""Peak GPU memory of one training step per family, method and executor, at 512 and 1024 px.
 
-Builds each family's transformer from its published architecture (benchmarks/configs/*.json; random
-weights, no download), adds LoRA (rank 32, the adapters' default targets, as the trainer does), and runs
-one trainer step without VAE and reward model: cached rollout -> plan -> reward_backprop -> AdamW, with
-a synthetic reward on the latents (so the numbers are the transformer's share; add the VAE decode and
-the reward model for a full step). ``--size tiny`` shrinks every width/depth for a CPU smoke run;
-``--size full`` is meant for a GPU. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU
-there is no per-step allocator counter, so the column is the process RSS high-water mark (monotone).
-Prints a table and writes JSON (with device, versions and git revision in every row).
+``--mode simulate`` (default, any machine): ``flowbp_train.memory.plan_memory`` on each recipe at full size
+(published architectures, no weights, no GPU): the trainer's own step with the adapters, VAE decode and
+the reward tower, under fake tensors; the table is labelled "simulated". ``--mode real``: the same trainer
+step with real randomly initialised weights on ``--device`` (a GPU: ``torch.cuda.max_memory_allocated`` /
+``max_memory_reserved``; CPU with ``--size tiny``: a smoke run, bytes from the tracker). ``--compare
+FILE``: the GPU kit's measured JSON lines (family, resolution, batch, executor, method,
+peak_allocated_bytes, peak_reserved_bytes) beside the simulated rows, with the ratios. Prints a table and
+writes JSON with device, versions and git revision in every row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-import flowbp_kernels as fb
-
 HERE = Path(__file__).resolve().parent
-FAMILIES = {"flux1": "flux1-dev", "sd3": "sd3.5-medium", "flux2": "flux2-klein-base-9b"}
+ROOT = HERE.parent
+GiB = 2**30
+FAMILIES = ("flux1", "sd3", "flux2")
 
 
 def git_rev() -> str:
@@ -35,143 +32,138 @@ def git_rev() -> str:
         return "unknown"
 
 
-def build(family: str, size: str, device, dtype):
-    import diffusers
-    from peft import LoraConfig
+def recipe_config(family: str, method: str, executor: str, res: int, batch: int | None, num_steps: int | None,
+                  extra: list[str]):
+    from flowbp_train.config import load_config
 
-    from flowbp_train.models import adapter_class
+    ov = [f"executor={executor}", f"resolution={res}"] + ([f"train_batch_size={batch}"] if batch else [])
+    ov += [f"num_steps={num_steps}"] if num_steps else []
+    return load_config(ROOT / "recipes" / family / f"{method}.yaml", ov + extra, check=False)
 
-    spec = json.loads((HERE / "configs" / f"{FAMILIES[family]}.json").read_text())
-    cfg = dict(spec["config"])
+
+def simulate_row(cfg) -> dict:
+    from flowbp_train.memory import plan_memory
+
+    p = plan_memory(cfg)
+    return {"peak_live_gib": p.peak_bytes / GiB, "peak_phase": p.peak_phase,
+            "allocated_gib": p.allocated_bytes / GiB, "reserved_gib": p.reserved_bytes / GiB,
+            "sample_reserved_gib": p.sample_reserved_bytes / GiB, "total_gib": p.total_bytes / GiB,
+            "breakdown_gib": {k: v / GiB for k, v in p.breakdown.items()}, "sim_seconds": p.seconds,
+            "kind": "simulated"}
+
+
+def real_row(cfg, device: str, size: str) -> dict:
+    """One real training step with random weights (the adapters' code path, no re-implementation)."""
+    import torch
+
+    from flowbp_train.memory import build
+    from flowbp_train.memory.planner import prepare_config
+    from flowbp_train.trainer import Trainer
+
+    cfg = prepare_config(cfg)
+    cfg.device, cfg.report_to, cfg.progress_bar = device, "none", False
+    spec = build.component_specs(cfg.family, None)
     if size == "tiny":
-        cfg.update(spec["tiny"])
-    model = getattr(diffusers, spec["class"])(**cfg).to(device, dtype)
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=32, lora_alpha=32, init_lora_weights="gaussian",
-                                 target_modules=adapter_class(family).lora_targets(model)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    torch.nn.init.normal_(params[1], std=1e-3)  # non-zero lora_B somewhere, so every path carries gradient
-    model.enable_gradient_checkpointing()
-    text_len = 8 if size == "tiny" else spec["text_len"]
-    return model, params, cfg, text_len
+        spec["transformer"]["config"].update(spec["transformer"].pop("tiny"))
+        spec["text_encoders"] = {}
+    with torch.device(device):
+        adapter, _ = build.build_adapter(cfg, spec=spec, device=device)
+        reward = build.build_reward(cfg, config_override=build.tiny_clip_config() if size == "tiny" else None)
+    import tempfile
 
-
-def velocity_of(family: str, model, cfg: dict, res: int, batch: int, text_len: int, device, dtype):
-    """velocity_fn and initial noise for the family's layout (FLUX: packed tokens; SD3: latent images)."""
-    g = torch.Generator().manual_seed(0)
-    emb = torch.randn(batch, text_len, cfg["joint_attention_dim"], generator=g).to(device, dtype)
-    if family == "sd3":
-        side = res // 8
-        x0 = torch.randn(batch, cfg["in_channels"], side, side, generator=g)
-        pooled = torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)
-        sig = fb.flow_sigmas(25, shift=3.0)
-
-        def v(x, i):
-            t = torch.full((batch,), float(sig[i]) * 1000, device=device, dtype=dtype)
-            return model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=emb,
-                         pooled_projections=pooled, return_dict=False)[0]
-        return v, x0, sig
-    side = res // 16
-    seq = side * side
-    x0 = torch.randn(batch, seq, cfg["in_channels"], generator=g)
-    if family == "flux1":
-        pooled = torch.randn(batch, cfg["pooled_projection_dim"], generator=g).to(device, dtype)
-        ii = torch.zeros(side, side, 3)
-        ii[..., 1] += torch.arange(side)[:, None]
-        ii[..., 2] += torch.arange(side)[None, :]
-        img_ids, txt_ids = ii.reshape(-1, 3).to(device, dtype), torch.zeros(text_len, 3, device=device, dtype=dtype)
-        sig = fb.flow_sigmas(25, mu=fb.flux_mu(seq))
-        guid = torch.full((batch,), 4.0, device=device)
-
-        def v(x, i):
-            t = torch.full((batch,), float(sig[i]), device=device, dtype=dtype)
-            return model(hidden_states=x.to(dtype), timestep=t, guidance=guid, pooled_projections=pooled,
-                         encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        return v, x0, sig
-    hw = torch.cartesian_prod(torch.arange(1), torch.arange(side), torch.arange(side), torch.arange(1))
-    img_ids = hw.unsqueeze(0).expand(batch, -1, -1).to(device)
-    tl = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text_len))
-    txt_ids = tl.unsqueeze(0).expand(batch, -1, -1).to(device)
-    sig = fb.flow_sigmas(25, mu=fb.flux2_mu(seq, 25))
-
-    def v(x, i):  # conditional branch only: the negative CFG branch runs without gradient (one more no-grad pass)
-        t = torch.full((batch,), float(sig[i]), device=device, dtype=dtype)
-        return model(hidden_states=x.to(dtype), timestep=t, guidance=None, encoder_hidden_states=emb,
-                     txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-    return v, x0, sig
-
-
-def run_row(family, method, executor, res, args, device, dtype, built) -> dict:
-    model, params, cfg, text_len = built
-    v, x0, sig = velocity_of(family, model, cfg, res, args.batch, text_len, device, dtype)
-    sig = fb.flow_sigmas(args.num_steps, **({"shift": 3.0} if family == "sd3" else {"mu": float(
-        fb.flux_mu(x0.shape[1]) if family == "flux1" else fb.flux2_mu(x0.shape[1], args.num_steps))}))
-    m = fb.get_method(method)
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    gen = torch.Generator().manual_seed(114)
-    times = []
-    for rep in range(args.repeats + 1):
-        if device.type == "cuda":
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.output_dir = tmp
+        tr = Trainer(cfg, adapter=adapter, reward=reward)
+        tr.training_step()  # warm-up: optimizer state and allocator cache in their steady state
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        ro = fb.rollout(v, x0.to(device), sig, latent_dtype=dtype)
-        fb.reward_backprop(m, v, ro, lambda x: -x.float().square().mean(dim=tuple(range(1, x.dim()))),
-                           generator=gen, executor=executor, params=params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        tr.training_step()
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
-        if rep:  # the first step warms up
-            times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-    return {"family": family, "method": method, "executor": executor, "resolution": res, "batch": args.batch,
-            "num_steps": args.num_steps, "size": args.size, "step_s": statistics.median(times),
-            "peak_gib": peak, "peak_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss_highwater",
-            "params_b": sum(p.numel() for p in model.parameters()) / 1e9,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "git": git_rev()}
+            return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                    "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "step_s": time.perf_counter() - t0,
+                    "kind": "measured", "device": torch.cuda.get_device_name()}
+    return {"step_s": time.perf_counter() - t0, "kind": "real-cpu-smoke", "device": "cpu"}
+
+
+def compare(sim_path: Path, measured_path: Path, out: Path) -> list[dict]:
+    """Simulated rows beside measured JSON lines (matched on family, resolution, batch, executor, method)."""
+    sims = {(r["family"], r["resolution"], r["batch"], r["executor"], r["method"]): r
+            for r in json.loads(sim_path.read_text()) if r.get("kind") == "simulated"}
+    rows = []
+    for n, line in enumerate(measured_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            m = json.loads(line)
+            key = (m["family"], int(m["resolution"]), int(m["batch"]), m["executor"], m["method"])
+            alloc, res = int(m["peak_allocated_bytes"]), int(m["peak_reserved_bytes"])
+        except (ValueError, KeyError, TypeError) as exc:
+            need = "family, resolution, batch, executor, method, peak_allocated_bytes, peak_reserved_bytes"
+            raise SystemExit(f"step_memory: error: {measured_path}:{n}: expected a JSON object with {need} ({exc})") \
+                from None
+        s = sims.get(key)
+        if s is None:
+            continue
+        rows.append({"family": key[0], "resolution": key[1], "batch": key[2], "executor": key[3], "method": key[4],
+                     "simulated_allocated_gib": s["allocated_gib"], "measured_allocated_gib": alloc / GiB,
+                     "ratio_allocated": s["allocated_gib"] * GiB / alloc if alloc else None,
+                     "simulated_reserved_gib": s["reserved_gib"], "measured_reserved_gib": res / GiB,
+                     "ratio_reserved": s["reserved_gib"] * GiB / res if res else None, "device": m.get("device")})
+    print(f"{'family':6} {'res':>5} {'b':>2} {'executor':9} {'method':16} {'sim alloc':>9} {'GPU alloc':>9} "
+          f"{'ratio':>6} {'sim res':>8} {'GPU res':>8} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['family']:6} {r['resolution']:5} {r['batch']:2} {r['executor']:9} {r['method']:16} "
+              f"{r['simulated_allocated_gib']:9.2f} {r['measured_allocated_gib']:9.2f} {r['ratio_allocated']:6.3f} "
+              f"{r['simulated_reserved_gib']:8.2f} {r['measured_reserved_gib']:8.2f} {r['ratio_reserved']:6.3f}")
+    if not rows:
+        print("no measured row matches a simulated one (pending a GPU run)")
+    out.write_text(json.dumps(rows, indent=1))
+    return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    ap.add_argument("--mode", choices=["simulate", "real"], default="simulate")
+    ap.add_argument("--device", default="cuda", help="--mode real: the device (cuda, or cpu with --size tiny)")
+    ap.add_argument("--size", choices=["full", "tiny"], default="full", help="--mode real: tiny widths for CPU")
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    ap.add_argument("--methods", nargs="+", default=["flowbp-lagrange", "flowbp-sparse", "leapalign", "draft-lv"])
+    ap.add_argument("--methods", nargs="+", default=["flowbp-lagrange"])
     ap.add_argument("--executors", nargs="+", default=["streaming", "retain"])
     ap.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024])
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--num-steps", type=int, default=25)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "results" / "step_memory.json"))
+    ap.add_argument("--batch", type=int, default=1, help="per-GPU batch (0: the recipe's)")
+    ap.add_argument("--num-steps", type=int, default=None, help="rollout steps (default: the recipe's)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="key=value", help="more config overrides")
+    ap.add_argument("--compare", type=Path, help="measured JSON lines of the GPU kit to put beside the simulation")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "step_memory.json")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.compare is not None:
+        compare(args.out, args.compare, args.out.with_name("step_memory_compare.json"))
+        return
+    import torch
+
     rows = []
-    print(f"{'family':7} {'method':16} {'executor':9} {'res':>5} {'step s':>8} {'peak GiB':>9}"
-          f"  ({args.size}, {device})")
+    print(f"{'family':6} {'method':16} {'executor':9} {'res':>5} {'b':>2} {'live':>7} {'reserved':>8} {'total':>7}  "
+          f"peak set in ({args.mode}; GiB)")
     for fam in args.families:
-        built = build(fam, args.size, device, dtype)
         for res in args.resolutions:
             for method in args.methods:
                 for ex in args.executors:
-                    try:
-                        row = run_row(fam, method, ex, res, args, device, dtype, built)
-                    except torch.cuda.OutOfMemoryError:
-                        row = {"family": fam, "method": method, "executor": ex, "resolution": res, "oom": True}
-                        torch.cuda.empty_cache()
-                        print(f"{fam:7} {method:16} {ex:9} {res:5}      OOM")
-                        rows.append(row)
-                        continue
+                    cfg = recipe_config(fam, method, ex, res, args.batch or None, args.num_steps, args.set)
+                    row = {"family": fam, "method": method, "executor": ex, "resolution": res,
+                           "batch": cfg.train_batch_size, "num_steps": cfg.num_steps}
+                    row.update(simulate_row(cfg) if args.mode == "simulate" else real_row(cfg, args.device, args.size))
+                    row.update(torch=torch.__version__, git=git_rev(), host=f"python {sys.version.split()[0]}")
                     rows.append(row)
-                    print(f"{fam:7} {method:16} {ex:9} {res:5} {row['step_s']:8.3f} {row['peak_gib']:9.2f}")
-        del built
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
+                    if row["kind"] == "simulated":
+                        print(f"{fam:6} {method:16} {ex:9} {res:5} {row['batch']:2} {row['peak_live_gib']:7.2f} "
+                              f"{row['reserved_gib']:8.2f} {row['total_gib']:7.2f}  {row['peak_phase']}", flush=True)
+                    else:
+                        print(f"{fam:6} {method:16} {ex:9} {res:5} {row['batch']:2} {row}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
     print(f"wrote {args.out}")
 
 

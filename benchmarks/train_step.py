@@ -1,7 +1,8 @@
 """Peak memory and time of one real training step at published size (the GPU kit's stage 5).
 
 The trainer's own pieces, with random weights and no download: the family's transformer, VAE and pipeline
-built from benchmarks/configs/*.json, the family adapter (flowbp_train.models), an HPSv2-sized reward tower
+built from the published architectures shipped in flowbp_train/memory/architectures/ (the ones the
+memory planner simulates), the family adapter (flowbp_train.models), an HPSv2-sized reward tower
 (OpenCLIP ViT-H-14 in flowbp_train.rewards.HPSv2Reward), the recipe recipes/<family>/flowbp-lagrange.yaml
 (LoRA r32, bf16, gradient checkpointing) at batch 1, and ``Trainer.training_step``: cached rollout, plan,
 reward_backprop through the VAE decode and the reward tower, clip, AdamW, EMA. Per (family, resolution,
@@ -33,19 +34,15 @@ sys.path[:0] = [str(HERE), str(REPO / "python")]
 
 import torch  # noqa: E402
 
-#: family -> (transformer config, VAE config, pipeline class)
-FAMILIES = {
-    "flux1": ("flux1-dev", "flux1-dev-vae", "FluxPipeline"),
-    "sd3": ("sd3.5-medium", "sd3.5-medium-vae", "StableDiffusion3Pipeline"),
-}
-REWARD_CONFIG = "hpsv2-vit-h-14"
+FAMILIES = ("flux1", "sd3")
+#: The HPSv2 tower is open_clip's own ViT-H-14 config (create_model, no weights); tiny runs shrink it.
+REWARD_ARCH = "ViT-H-14"
+TINY_OPENCLIP = {"embed_dim": 32,
+                 "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 #: Tiny runs: the VAE of the tiny config downsamples 8x like the real one; 64 px gives FLUX 16 tokens.
 TINY_RESOLUTION = 64
 TINY_STEPS = 6  # the smallest rollout with a Lagrange window (the method needs >= 3 steps in it)
-
-
-def _spec(name: str) -> dict:
-    return json.loads((HERE / "configs" / f"{name}.json").read_text())
 
 
 def _cfg(spec: dict, tiny: bool) -> dict:
@@ -75,8 +72,10 @@ def build_pipeline(family: str, tiny: bool, device: torch.device, dtype: torch.d
     """The family's diffusers pipeline with random transformer and VAE weights and no text encoders."""
     import diffusers
 
-    t_name, v_name, pipe_name = FAMILIES[family]
-    t_spec, v_spec = _spec(t_name), _spec(v_name)
+    from flowbp_train.memory.build import load_architecture
+
+    arch = load_architecture(family)
+    t_spec, v_spec, pipe_name = arch["transformer"], arch["vae"], arch["pipeline"]
     with _default(dtype, device):
         transformer = getattr(diffusers, t_spec["class"])(**_cfg(t_spec, tiny))
         vae = getattr(diffusers, v_spec["class"])(**_cfg(v_spec, tiny))
@@ -91,7 +90,7 @@ def build_pipeline(family: str, tiny: bool, device: torch.device, dtype: torch.d
     else:
         pipe = pipe_cls(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-    text_len = 8 if tiny else t_spec["text_len"]
+    text_len = 8 if tiny else arch["text_len"]
     return pipe, text_len, sum(p.numel() for p in transformer.parameters())
 
 
@@ -115,10 +114,9 @@ def build_reward(tiny: bool, device: torch.device, dtype: torch.dtype):
 
     from flowbp_train.rewards.hpsv2 import HPSv2Reward
 
-    spec = _spec(REWARD_CONFIG)
     with _default(torch.float32, device):
-        model = open_clip.CLIP(**_cfg(spec, tiny))
-    tokenizer = open_clip.get_tokenizer(spec["tokenizer"])
+        model = open_clip.CLIP(**TINY_OPENCLIP) if tiny else open_clip.create_model(REWARD_ARCH, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(REWARD_ARCH)
     return HPSv2Reward(model=model, tokenizer=tokenizer, device=device, dtype=dtype), \
         sum(p.numel() for p in model.parameters())
 
@@ -197,7 +195,7 @@ def run_family(family: str, resolutions: list[int], executors: list[str], args, 
         adapter = adapter_cls(pipe, resolution=res, device=device, dtype=dtype,
                               prompt_encoder=prompt_encoder(pipe.transformer, text_len, pooled=True))
         out_dir = tempfile.mkdtemp(prefix="flowbp-train-step-")
-        overrides = {"pretrained_model_name_or_path": f"random weights ({FAMILIES[family][0]}.json)",
+        overrides = {"pretrained_model_name_or_path": f"random weights (published {family} architecture)",
                      "resolution": res, "train_batch_size": args.batch, "output_dir": out_dir, "report_to": "none",
                      "num_sample_images": 0, "progress_bar": False, "device": str(device),
                      "prompts": ["a red fox sitting in fresh snow, golden hour"]}
@@ -259,7 +257,7 @@ def run_family(family: str, resolutions: list[int], executors: list[str], args, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny widths on the CPU")
-    ap.add_argument("--families", nargs="+", default=["flux1", "sd3"], choices=list(FAMILIES),
+    ap.add_argument("--families", nargs="+", default=["flux1", "sd3"], choices=FAMILIES,
                     help="in order; a family starts only while the time budget lasts")
     ap.add_argument("--resolutions", nargs="+", type=int, default=[1024, 512])
     ap.add_argument("--executors", nargs="+", default=["streaming", "retain"])

@@ -2,7 +2,8 @@
 
 ``flowbp-train RECIPE [key=value ...] [--dry-run]`` reads a YAML recipe (``recipes/<family>/<method>.yaml``),
 applies the overrides (values parsed as YAML), validates everything before any model is loaded (one-line
-errors naming the key, exit status 2) and trains; ``--dry-run`` prints the resolved config and exits.
+errors naming the key, exit status 2) and trains; ``--dry-run`` prints the resolved config and exits;
+``--plan-memory [--gpu-memory GiB]`` simulates one step and prints its GPU memory (``flowbp_train.memory``).
 ``flowbp-eval`` and ``flowbp-mini`` forward to ``flowbp_train.evaluate.main`` and
 ``flowbp_train.mini.cli.main``, imported only when called. All three report a bad argument the same way:
 one line ``<prog>: error: ...`` on stderr and exit status 2 (:class:`ArgumentParser`, :class:`UsageError`).
@@ -54,10 +55,18 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", help="YAML recipe, e.g. recipes/flux1/flowbp-lagrange.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key (YAML value)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--plan-memory", action="store_true",
+                        help="simulate one training step at full size (no GPU, no weights) and print its memory")
+    parser.add_argument("--gpu-memory", metavar="GiB", help="with --plan-memory: say whether the run fits a GPU "
+                        "of this size and which changes would make it fit")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
+    if args.plan_memory or args.gpu_memory is not None:
+        from flowbp_train.memory.cli import plan_main
+
+        return plan_main(args.recipe, args.overrides, args.gpu_memory, plan=args.plan_memory)
     try:
         cfg = load_config(args.recipe, args.overrides)
         if not args.dry_run:  # every file the run needs (model folder, reward weights), before any import

@@ -105,6 +105,7 @@ class TrainConfig:
     cfg_grad_compensate: bool = False  # divide the loss by the CFG scale (FLUX.2 Lagrange reference)
     max_sequence_length: int | None = None  # text length; None: the pipeline's default
     offload_text_encoders: bool = True  # move text encoders to CPU once prompts are encoded
+    vae_slicing: bool = False  # decode a batch one image at a time: same images, lower peak (--plan-memory)
     # method
     method: str = "flowbp-lagrange"
     method_options: dict = field(default_factory=dict)

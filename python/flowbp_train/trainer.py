@@ -329,6 +329,8 @@ class Trainer:
         add_trainable(adapter, cfg)
         if cfg.gradient_checkpointing:
             adapter.enable_gradient_checkpointing()
+        if cfg.vae_slicing and hasattr(getattr(adapter, "vae", None), "enable_slicing"):
+            adapter.vae.enable_slicing()
         self.strategy = cfg.distributed_strategy if self.world_size > 1 else "none"
         self.model = D.wrap_model(adapter.transformer, self.strategy, self.dist)
         adapter.set_forward_module(self.model)  # DDP: velocity functions call the wrapper

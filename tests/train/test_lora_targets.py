@@ -1,12 +1,10 @@
-"""The default LoRA targets of each family on its published architecture (benchmarks/configs/*.json),
-built on the meta device (no weights, no memory): peft injects every target, every transformer block
+"""The default LoRA targets of each family on its published architecture (the one shipped for the memory
+planner), built on the meta device (no weights, no memory): peft injects every target, every transformer block
 carries a LoRA, and the targets cover at least the stated share of the blocks' linear weights."""
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +12,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
-FAMILIES = {"flux1": "flux1-dev", "sd3": "sd3.5-medium", "flux2": "flux2-klein-base-9b"}
+FAMILIES = ("flux1", "sd3", "flux2")
 #: lower bounds on the share of the blocks' linear weight elements under a LoRA (measured: FLUX.1-dev 0.727,
 #: SD3.5-Medium 0.657, FLUX.2-Klein-base-9B 1.000; what is left out is the adaLN modulation linears of the
 #: FLUX.1 and SD3 blocks; diffusers' example defaults give 0.455, 0.203 and 0.062)
@@ -24,7 +21,9 @@ BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 
 
 def _published(family: str) -> torch.nn.Module:
-    spec = json.loads((CONFIGS / f"{FAMILIES[family]}.json").read_text())
+    from flowbp_train.memory.build import load_architecture
+
+    spec = load_architecture(family)["transformer"]
     with torch.device("meta"):
         return getattr(diffusers, spec["class"])(**spec["config"])
 

@@ -12,7 +12,7 @@ import os
 import torch
 
 from ._weights import check_hf_dir, load_hf_pretrained
-from .base import Reward
+from .base import Reward, resolve_dtype
 from .preprocess import ImagePreprocess
 
 MAX_TEXT_TOKENS = 77  # CLIP's context length
@@ -63,8 +63,7 @@ class HFCLIPReward(Reward):
         super().__init__()
         if not callable(tokenizer):
             raise TypeError(f"tokenizer: expected a callable HF-style tokenizer, got {type(tokenizer).__name__}")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        dtype = resolve_dtype(dtype)
         self.model = model.to(device=device, dtype=dtype)
         self.tokenizer = tokenizer
         self.preprocess = preprocess.to(device)

@@ -22,7 +22,21 @@ __all__ = [
     "check_score_inputs",
     "get_reward",
     "register_reward",
+    "resolve_dtype",
 ]
+
+#: dtype names a reward accepts from a YAML config (``reward_kwargs: {dtype: bf16}``)
+DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+               "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """A floating ``torch.dtype``, or its name from a config (``"bf16"``, ``"fp32"``...); TypeError otherwise."""
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating torch.dtype or one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    return dtype
 
 
 def check_score_inputs(images: torch.Tensor, prompts: Sequence[str]) -> None:

@@ -15,7 +15,7 @@ import os
 import torch
 
 from ._weights import check_file, check_module, resolve_file
-from .base import Reward
+from .base import Reward, resolve_dtype
 from .preprocess import hpsv2_preprocess
 
 HPS_REPO = "xswu/HPSv2"
@@ -39,7 +39,8 @@ class HPSv2Reward(Reward):
             ``xswu/HPSv2`` (downloaded only if ``allow_download``).
         version: ``"v2.1"`` or ``"v2.0"``.
         model, tokenizer: a prebuilt open_clip ``CLIP`` model and tokenizer instead of loading (tests).
-        device, dtype: where and in which dtype the model runs (scores are float32).
+        device, dtype: where and in which dtype the model runs (a torch.dtype or a name, ``"bf16"``; scores
+            are float32).
         allow_download: allow fetching the checkpoint from the Hugging Face Hub.
     """
 
@@ -66,8 +67,7 @@ class HPSv2Reward(Reward):
             raise ValueError(f"version: expected one of {sorted(HPS_FILES)}, got {version!r}")
         if (model is None) != (tokenizer is None):
             raise ValueError("model, tokenizer: pass both (prebuilt) or neither (load the checkpoint)")
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        dtype = resolve_dtype(dtype)
         if model is None:
             # Resolve the file before importing open_clip: a missing checkpoint is reported first.
             path = resolve_file(checkpoint_path, what=f"HPS{version}", option="checkpoint_path", repo_id=HPS_REPO,

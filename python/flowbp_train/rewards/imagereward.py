@@ -15,7 +15,7 @@ import os
 import torch
 
 from ._weights import check_file, check_module, hf_offline, resolve_file
-from .base import Reward
+from .base import Reward, resolve_dtype
 from .preprocess import imagereward_preprocess
 
 IMAGEREWARD_REPO = "THUDM/ImageReward"
@@ -72,8 +72,7 @@ class ImageRewardReward(Reward):
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  allow_download: bool = False) -> None:
         super().__init__()
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        dtype = resolve_dtype(dtype)
         if model is None:
             source = f"https://huggingface.co/{IMAGEREWARD_REPO}"
             ckpt = resolve_file(checkpoint_path, what="ImageReward", option="checkpoint_path",

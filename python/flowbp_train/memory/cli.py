@@ -1,0 +1,57 @@
+"""``flowbp-train RECIPE [key=value ...] --plan-memory [--gpu-memory GiB]``: print the simulated memory plan.
+
+Every input is checked before anything is built (one-line errors, exit status 2). Exit status 0 when the
+plan was made (and, with ``--gpu-memory``, the run fits), 1 when it does not fit.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+
+def _error(msg: str) -> int:
+    print(f"flowbp-train: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def parse_gpu_memory(text: str | None) -> float | None:
+    """``--gpu-memory`` as a number of GiB > 0 (ValueError with a one-line message otherwise)."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--gpu-memory: expected a number of GiB > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"--gpu-memory: expected a number of GiB > 0, got {text!r}")
+    return value
+
+
+def plan_main(recipe: str, overrides: list[str], gpu_memory: str | None, *, plan: bool = True) -> int:
+    from flowbp_train.config import ConfigError, load_config
+
+    if not plan:
+        return _error("--gpu-memory: only with --plan-memory")
+    try:
+        gib = parse_gpu_memory(gpu_memory)
+        cfg = load_config(recipe, overrides, check=False)
+        from flowbp_train.memory.planner import prepare_config
+
+        cfg = prepare_config(cfg)
+        from flowbp_train.memory.build import REWARD_TOWERS, as_dtype
+
+        if cfg.reward not in REWARD_TOWERS and cfg.reward != "mini":
+            raise ValueError(f"reward: the memory planner knows the architectures of "
+                             f"{', '.join(REWARD_TOWERS)} and mini, got {cfg.reward!r}")
+        as_dtype(cfg.reward_kwargs.get("dtype", "fp32"), "reward_kwargs.dtype")
+    except (ConfigError, ValueError) as exc:
+        return _error(str(exc))
+    from flowbp_train.memory.planner import plan_memory
+
+    try:
+        result = plan_memory(cfg, gpu_memory=gib, progress=gib is not None)
+    except (ValueError, NotImplementedError) as exc:
+        return _error(str(exc))
+    print(result.table())
+    return 0 if result.fits in (None, True) else 1
