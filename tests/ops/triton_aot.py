@@ -34,7 +34,7 @@ import triton  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(REPO / "benchmarks")]
+sys.path[:0] = [str(HERE), str(HERE.parent), str(REPO / "benchmarks")]  # tests/: the shared _tolerance
 
 import flowbp_kernels as fb  # noqa: E402
 from flowbp_kernels.triton import euler_cache_step as t_euler  # noqa: E402
