@@ -346,8 +346,7 @@ MINI_CASES = [
     (["sample", "--guidance", "inf"], "--guidance"), (["sample", "--per-prompt", "0"], "--per-prompt"),
     (["sample", "--lora", "none.safetensors"], "--lora"), (["sample", "--out", "."], "--out"),
     (["sample", "--steps", "0"], "--steps"), (["check", "--steps", "100000"], "--steps"),
-    (["align", "--method", "nope"], "--method"), (["align", "--max-train-steps", "0"], "--max-train-steps"),
-    (["align", "--output-dir", "afile"], "--output-dir"), (["report", "missing-run"], "output_dir"),
+    (["align"], "invalid choice"), (["report", "missing-run"], "output_dir"),
     (["study", "--seeds", "0"], "--seeds"), (["study", "--methods", "nope"], "--method"),
     (["study", "--steps", "0"], "--steps"), (["pretrain", "--bogus"], "unrecognized"),
 ]
@@ -364,8 +363,9 @@ def test_mini_bad_argument(args, needle, guarded, capsys):
 
 
 def test_mini_weights_default_outside_the_package(tmp_path, monkeypatch):
+    from flowbp_train.digits import WEIGHTS_DIR
     from flowbp_train.mini.cli import build_parser, main
-    from flowbp_train.mini.model import HASHES_FILE, WEIGHTS_DIR, sha256_of
+    from flowbp_train.weights import HASHES_FILE, sha256_of
 
     package = {p.name: sha256_of(p) for p in WEIGHTS_DIR.iterdir() if p.is_file()}
     for cmd in ("pretrain", "train-reward", "train-judge"):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import flowbp_kernels as fb
 from flowbp_train import distributed as D
+from flowbp_train.checkpoint import load_sharded, save_sharded
 
 GLOBAL_B = 4
 N = 6
@@ -208,11 +209,11 @@ def main(out_dir):
         full, _, _ = train(strategy, 4)
         first, model, opt = train(strategy, 2)
         ckpt = os.path.join(tmp, f"ckpt-{strategy}")
-        D.save_sharded(ckpt, model, opt, extra={"step": 2})
+        save_sharded(ckpt, model, opt)
         model2 = D.wrap_model(tiny_model(seed=5), strategy, state)  # different init: must be overwritten
         opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
-        extra = D.load_sharded(ckpt, model2, opt2)
-        second, model2, _ = train(strategy, 2, model2, opt2, start=extra["step"])
+        load_sharded(ckpt, model2, opt2)
+        second, model2, _ = train(strategy, 2, model2, opt2, start=2)
         res[f"resume_{strategy}"] = {"uninterrupted": full, "resumed": first + second}
 
         # ---- export gathered from the shards, reloaded by diffusers

@@ -1,5 +1,6 @@
 """The real CLI under both launchers, on the CPU miniature with 2 ranks (gloo): torchrun with FSDP2 and
-accelerate launch with DDP. Each run writes a 2-rank checkpoint, the gathered LoRA and the report."""
+accelerate launch with DDP. Each run writes a 2-rank checkpoint and the gathered LoRA, from which
+``flowbp-mini report`` (the quick start's second step) writes the report."""
 
 import json
 import os
@@ -39,6 +40,9 @@ def _check(out: Path, stdout: str):
     manifest = json.loads((out / "checkpoint-2" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and "shards/shard_1.safetensors" in manifest["files"]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    from flowbp_train.mini.cli import main as mini_main
+
+    assert mini_main(["report", str(out)]) == 0
     assert (out / "grid_before_after.png").is_file() and (out / "summary.json").is_file()
     log = (out / "logs" / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 2  # rank 0 logs; the other rank does not

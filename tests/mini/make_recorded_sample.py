@@ -28,7 +28,9 @@ def make_sample() -> torch.Tensor:
 if __name__ == "__main__":
     from safetensors.torch import save_file
 
-    from flowbp_train.mini.model import BASE_FILE, WEIGHTS_DIR, sha256_of
+    from flowbp_train.digits import WEIGHTS_DIR
+    from flowbp_train.models.mini import BASE_FILE
+    from flowbp_train.weights import sha256_of
 
     torch.set_num_threads(1)
     save_file({"sample": make_sample().contiguous()}, str(OUT),

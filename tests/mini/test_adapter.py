@@ -6,8 +6,20 @@ import pytest
 import torch
 
 from flowbp_kernels import rollout
-from flowbp_train.mini.align import add_lora
 from flowbp_train.models.mini import MiniAdapter
+
+
+def add_lora(transformer: torch.nn.Module, rank: int, targets, seed: int) -> list[torch.nn.Parameter]:
+    """A peft LoRA (alpha = rank, B initialised to zero, A from ``seed``); its parameters, trainable."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights=True))
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 @pytest.fixture()
@@ -98,16 +110,17 @@ def test_bad_arguments():
 
 
 def test_lora_save_load_round_trip(tmp_path):
-    from flowbp_train.mini.lora import load_lora, save_lora
+    from peft.utils import get_peft_model_state_dict
 
     a = MiniAdapter.from_pretrained("mini")
     params = add_lora(a.transformer, 4, a.default_lora_targets, seed=0)
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)
-    path = save_lora(a, tmp_path)
+    a.save_lora_weights(tmp_path, get_peft_model_state_dict(a.transformer))
+    path = tmp_path / "pytorch_lora_weights.safetensors"
     b = MiniAdapter.from_pretrained("mini")
-    load_lora(b.transformer, path)
+    b.load_lora_weights(path)
     batch_a, batch_b = a.encode_prompts(["digit four"]), b.encode_prompts(["digit four"])
     x = a.initial_noise(1, torch.Generator().manual_seed(2))
     sig = a.sigmas(4)
@@ -121,13 +134,12 @@ def test_lora_save_load_round_trip(tmp_path):
 
 def test_lora_trained_with_alpha_not_rank_reloads_at_its_scale(tmp_path):
     """rank 4, lora_alpha 16 (scale 4, as trained by flowbp-train with lora_alpha != rank): the file's
-    metadata brings the scale back in flowbp-mini's loader (``flowbp-mini sample --lora``) and in
-    flowbp-eval's (``--lora``)."""
+    metadata brings the scale back in the miniature's loader (``flowbp-mini sample --lora``, ``report``) and
+    in flowbp-eval's (``--lora``)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     from flowbp_train.evaluate import _load_lora
-    from flowbp_train.mini.lora import load_lora
 
     trained = MiniAdapter.from_pretrained("mini")
     trained.transformer.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=list(trained.default_lora_targets)))
@@ -147,7 +159,7 @@ def test_lora_trained_with_alpha_not_rank_reloads_at_its_scale(tmp_path):
     base, want = velocity(MiniAdapter.from_pretrained("mini")), velocity(trained)
     assert (want - base).abs().max() > 1e-3
     by_mini, by_eval = MiniAdapter.from_pretrained("mini"), MiniAdapter.from_pretrained("mini")
-    load_lora(by_mini.transformer, tmp_path)
+    by_mini.load_lora_weights(tmp_path)
     assert _load_lora(by_eval, str(tmp_path))["lora_alpha"] == 16
     for ad in (by_mini, by_eval):  # fp32, the same layers: rounding only
         assert torch.allclose(velocity(ad), want, atol=1e-6)

@@ -27,7 +27,9 @@ MIN_JUDGE_PER_DIGIT = 0.75
 def test_weights_reproduce_recorded_sample():
     from safetensors import safe_open
 
-    from flowbp_train.mini.model import BASE_FILE, WEIGHTS_DIR, sha256_of
+    from flowbp_train.digits import WEIGHTS_DIR
+    from flowbp_train.models.mini import BASE_FILE
+    from flowbp_train.weights import sha256_of
 
     if not OUT.is_file():
         pytest.fail(f"{OUT} missing: run tests/mini/make_recorded_sample.py")

@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from flowbp_train.digits import NUM_CLASSES, TEMPLATES, all_prompts, digit_of_prompt, prompt_for
 from flowbp_train.mini import metrics
-from flowbp_train.mini.data import (
-    NUM_CLASSES,
-    TEMPLATES,
-    all_prompts,
-    digit_of_prompt,
-    load_digits,
-    prompt_for,
-)
-from flowbp_train.mini.text_encoder import MAX_TOKENS, TinyTextEncoder, tokenize
+from flowbp_train.mini.data import load_digits
+from flowbp_train.models.mini import MAX_TOKENS, TinyTextEncoder, tokenize
 
 
 def test_digits_shapes_range_and_halves():

@@ -1,29 +1,36 @@
-"""2-step smokes of the miniature's main job: the direct loop (``flowbp-mini align``) and, once the
-trainer exists, ``flowbp-train recipes/mini/flowbp-lagrange.yaml``; plus the study's measurement
-helpers against hand-counted references."""
+"""2-step smoke of the miniature's main job as the quick start runs it: ``flowbp-train
+recipes/mini/flowbp-lagrange.yaml`` (the trainer, as for every family), then ``flowbp-mini report``, then
+``flowbp-eval`` on the LoRA; plus the study's measurement helpers against hand-counted references."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_direct_main_job_two_steps(tmp_path):
-    from flowbp_train.mini.run import run_main_job
+def test_trainer_main_job_two_steps(tmp_path):
+    from flowbp_train import cli
 
-    s = run_main_job(tmp_path, steps=2, batch_size=4, eval_every=2, log=lambda *_: None)
-    for name in ("grid_before_after.png", "grid_before.png", "grid_after.png", "curves.png", "summary.json",
-                 "pytorch_lora_weights.safetensors"):
+    rc = cli.train_main([str(ROOT / "recipes/mini/flowbp-lagrange.yaml"), "max_train_steps=2",
+                         "train_batch_size=4", "checkpointing_steps=1", f"output_dir={tmp_path}"])
+    assert rc in (0, None)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    assert not (tmp_path / "grid_before_after.png").exists()  # the report is a command of its own
+    from flowbp_train.mini.cli import main
+
+    assert main(["report", str(tmp_path)]) == 0
+    for name in ("grid_before_after.png", "grid_before.png", "grid_after.png", "curves.png", "summary.json"):
         assert (tmp_path / name).is_file(), name
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["method"] == "flowbp-lagrange" and summary["config"]["steps"] == 2
+    assert summary["method"] == "flowbp-lagrange" and summary["config"]["max_train_steps"] == 2
+    # held-out curve: the base model (step 0) and the two checkpoints
+    assert [h["step"] for h in summary["history"] if "eval_judge" in h] == [0, 1, 2]
     assert [h["step"] for h in summary["history"] if "train_reward" in h] == [1, 2]
-    assert -30 < s["after"]["reward"] <= 0 and 0 <= s["after"]["judge"] <= 1
+    assert -30 < summary["after"]["reward"] <= 0 and 0 <= summary["after"]["judge"] <= 1
     from PIL import Image
 
     grid = Image.open(tmp_path / "grid_before.png")
@@ -40,28 +47,8 @@ def test_direct_main_job_two_steps(tmp_path):
     assert ev["rewards"]["mini"]["n"] == 2 and 0 <= ev["rewards"]["mini_judge"]["mean"] <= 1
 
 
-def test_trainer_main_job_two_steps(tmp_path):
-    cli = pytest.importorskip("flowbp_train.cli", reason="the trainer's CLI is not there yet")
-    if not hasattr(cli, "train_main"):
-        pytest.skip("flowbp_train.cli.train_main not there yet")
-    pytest.importorskip("flowbp_train.trainer", reason="the trainer is not there yet")
-    rc = cli.train_main([str(ROOT / "recipes/mini/flowbp-lagrange.yaml"), "max_train_steps=2",
-                         "train_batch_size=4", "checkpointing_steps=1", f"output_dir={tmp_path}"])
-    assert rc in (0, None)
-    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
-    from flowbp_train.mini.cli import main
-
-    assert main(["report", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    # held-out curve: the base model (step 0) and the two checkpoints
-    assert [h["step"] for h in summary["history"] if "eval_judge" in h] == [0, 1, 2]
-    assert [h["step"] for h in summary["history"] if "train_reward" in h] == [1, 2]
-    for name in ("grid_before_after.png", "curves.png"):
-        assert (tmp_path / name).is_file(), name
-
-
 def test_saved_bytes_meter_counts_saved_tensors():
-    from flowbp_train.mini.align import saved_bytes_meter
+    from flowbp_train.mini.measure import saved_bytes_meter
 
     w = torch.randn(64, 32, requires_grad=True)
     x = torch.randn(8, 64, requires_grad=True)
@@ -76,7 +63,7 @@ def test_saved_bytes_meter_counts_saved_tensors():
 
 def test_step_scaled_options_only_touch_refl():
     from flowbp_kernels import METHODS
-    from flowbp_train.mini.align import step_scaled_options
+    from flowbp_train.mini.measure import step_scaled_options
 
     assert step_scaled_options("refl", 10) == {"last_n": 4}  # round(11 * 10 / 25)
     assert step_scaled_options("refl", 25) == {"last_n": 11}

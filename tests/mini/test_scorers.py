@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from flowbp_train.mini.classifier import JUDGE_FILE, REWARD_FILE, judge_features, load_reward_cnn
-from flowbp_train.mini.data import load_digits, prompt_for
-from flowbp_train.mini.model import HASHES_FILE, WEIGHTS_DIR, verified_path
+from flowbp_train.digits import WEIGHTS_DIR, prompt_for
+from flowbp_train.mini.data import load_digits
+from flowbp_train.rewards.mini_nets import JUDGE_FILE, REWARD_FILE, judge_features, load_reward_cnn
+from flowbp_train.weights import HASHES_FILE, verified_path
 
 #: The issue's bar for the reward classifier on the half it never saw.
 MIN_HELDOUT_ACCURACY = 0.90

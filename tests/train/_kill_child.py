@@ -20,10 +20,8 @@ def run(recipe: str, overrides: list[str], conn, threads: int) -> None:
     tqdm.set_lock(threading.RLock())  # not tqdm's multiprocessing lock: a killed child would leak its semaphore
     from flowbp_train import checkpoint as ckpt
     from flowbp_train.config import load_config
-    from flowbp_train.models.mini import MiniAdapter
     from flowbp_train.trainer import train
 
-    MiniAdapter.final_report = lambda self, out, cfg: None  # the report samples every checkpoint: slow
     real = ckpt.save_checkpoint
 
     def save(*args, **kwargs):

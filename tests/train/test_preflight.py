@@ -12,7 +12,7 @@ import pytest
 
 from flowbp_train.config import ConfigError, from_dict
 from flowbp_train.models.files import check_pipeline_files
-from flowbp_train.trainer import preflight
+from flowbp_train.preflight import preflight
 
 RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "flux1" / "flowbp-lagrange.yaml")
 FLUX_INDEX = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

@@ -152,7 +152,7 @@ def test_saved_lora_loads_in_the_pipeline_at_its_trained_scale(tmp_path, family)
     load_lora_weights and reproduces the trained velocity; a checkpoint holds the raw and the EMA LoRA,
     labelled, and flowbp-eval's loader takes the EMA one by default."""
     from flowbp_train.evaluate import _load_lora
-    from flowbp_train.lora_files import EMA_LORA_FILE, LORA_FILE, read_lora_metadata
+    from flowbp_train.weights import EMA_LORA_FILE, LORA_FILE, read_lora_metadata
 
     cfg = config(tmp_path, family, max_train_steps=2, learning_rate=5e-2, num_sample_images=1, sample_steps=3,
                  lora_alpha=16.0, use_ema=True, ema_decay=0.5, checkpointing_steps=2)

@@ -294,7 +294,7 @@ def test_readme_commands_are_the_ones_the_suite_runs(runs):
 def test_train_lora_checkpoints_and_resume(runs, family):
     from safetensors.torch import load_file
 
-    from flowbp_train.lora_files import EMA_LORA_FILE, LORA_FILE, read_lora_metadata
+    from flowbp_train.weights import EMA_LORA_FILE, LORA_FILE, read_lora_metadata
 
     r = runs[family]
     for key in ("train_lora", "resume", *(("dry_run",) if "dry_run" in r else ())):
@@ -438,7 +438,7 @@ def test_lora_targets_that_match_nothing_stop_before_anything_loads(folders, fam
     import flowbp_train.models as models
     import flowbp_train.rewards as rewards
     from flowbp_train.config import ConfigError, from_dict
-    from flowbp_train.trainer import preflight
+    from flowbp_train.preflight import preflight
 
     monkeypatch.setattr(rewards, "get_reward", lambda *a, **k: pytest.fail("the reward was built"))
     monkeypatch.setattr(models, "build_adapter", lambda *a, **k: pytest.fail("the model was loaded"))
