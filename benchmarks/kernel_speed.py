@@ -79,7 +79,7 @@ torch._dynamo.config.accumulated_recompile_limit = 1 << 16
 
 def cases(shape, batch, device, ops, node_dtypes, ps, make=None):
     """(op, variant, bytes, {impl_name: callable}) for each benchmarked configuration; ``make(shape, dtype)``
-    replaces the random inputs (tests/ops/triton_aot.py records the launches on empty tensors)."""
+    replaces the random inputs (tests/kernels/ops/triton_aot.py records the launches on empty tensors)."""
     full = (batch, *shape)
     n = batch
     for s in shape:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: where the packages live (module name = path below the root, dots for slashes)
 PACKAGE_ROOTS = (ROOT, ROOT / "python")
 PACKAGES = ("flowbp_kernels", "flowbp_train")
-#: loose script folders: each file is a node named by its path ("tests/train/tiny")
+#: loose script folders: each file is a node named by its path ("tests/helpers/pipelines")
 SCRIPT_DIRS = ("tests", "benchmarks", "scripts")
 
 

@@ -23,7 +23,8 @@ import torch
 import flowbp_kernels as fb
 from flowbp_kernels.methods import Plan
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 MINI = str(ROOT / "recipes" / "mini" / "flowbp-lagrange.yaml")
 
 
@@ -546,12 +547,11 @@ def test_flow_sigmas_bad_arguments(args, kw, needle):
 
 
 def test_lora_targets_that_match_nothing_fail_before_the_reward_loads(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "tests" / "train"))
-    from tiny import tiny_adapter
-
     import flowbp_train.rewards as rewards
     from flowbp_train.config import ConfigError, from_dict
     from flowbp_train.trainer import Trainer
+
+    from helpers.pipelines import tiny_adapter
 
     monkeypatch.setattr(rewards, "get_reward", lambda *a, **k: pytest.fail("the reward was built first"))
     cfg = from_dict(dict(family="sd3", pretrained_model_name_or_path="tiny", num_steps=6, resolution=16,

@@ -8,7 +8,8 @@ in ``output_dir``: ``images/<index>.png``, ``scores.csv`` (one row per prompt), 
 standard error ``std(ddof=1) / sqrt(n)`` per reward), ``grid.png``; given other runs, ``comparison.md``
 and ``comparison.png``. Resumable: prompts already scored are skipped. The paper's protocol: train on one
 reward (HPSv2.1) and report held-out rewards (PickScore, ImageReward) as a reward-hacking monitor.
-GenEval-style detector metrics are out of scope.
+GenEval-style detector metrics are out of scope. :func:`sample_images` writes the trainer's end-of-run
+samples (``output_dir/samples/``) the same way: rollout, decode, 8-bit PNG.
 """
 
 from __future__ import annotations

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from flowbp_train.cli import train_main
 from flowbp_train.config import ConfigError, TrainConfig, load_config, load_prompts
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
+
 #: the runnable recipes (``_base.yaml`` files hold what a family's recipes share)
 RECIPES = sorted(p for fam in ("flux1", "sd3", "flux2") for p in (ROOT / "recipes" / fam).glob("*.yaml")
                  if not p.name.startswith("_"))
@@ -79,7 +78,7 @@ def test_recipes_resolve_as_recorded():
     so prompts are compared as the lists the run trains on; every other value as it is."""
     import json
 
-    from make_recipes_resolved import FIXTURE, resolve_all
+    from helpers.recipes import FIXTURE, resolve_all
 
     recorded, now = json.loads(FIXTURE.read_text()), resolve_all()
     assert len(recorded) == 36 and set(recorded) <= set(now), sorted(set(recorded) - set(now))

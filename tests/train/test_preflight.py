@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,9 @@ from flowbp_train.config import ConfigError, from_dict
 from flowbp_train.models.files import check_pipeline_files
 from flowbp_train.preflight import preflight
 
-RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "flux1" / "flowbp-lagrange.yaml")
+from helpers import ROOT
+
+RECIPE = str(ROOT / "recipes" / "flux1" / "flowbp-lagrange.yaml")
 FLUX_INDEX = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
               "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5Tokenizer"],

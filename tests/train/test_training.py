@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
-from tiny import PIPELINES, NaNReward, PixelReward, tiny_adapter
 
 from flowbp_kernels import METHODS
 from flowbp_train import checkpoint as ckpt
 from flowbp_train.config import from_dict
 from flowbp_train.rundir import LOCK_FILE
 from flowbp_train.trainer import Trainer, train
+
+from helpers.pipelines import PIPELINES, NaNReward, PixelReward, tiny_adapter
 
 # small windows keep every method valid with 6 steps (Lagrange needs >= 3 steps per window)
 SMALL = {"flowbp-sparse": {"num_active": 2}, "flowbp-bridge": {"num_active": 3}, "refl": {"last_n": 3},
