@@ -7,7 +7,7 @@ gradients. Every method is a setting of those choices (``get_method``), run by o
 """
 
 from flowbp_kernels.executors import EXECUTORS, NonFiniteLossError, StepOutput, reward_backprop
-from flowbp_kernels.methods import DEFAULTS, METHODS, Method, Plan, get_method
+from flowbp_kernels.methods import DEFAULTS, METHODS, Method, Plan, WindowError, get_method
 from flowbp_kernels.ops import (
     BridgeCoupling,
     LagrangeLeap,
@@ -41,6 +41,7 @@ __all__ = [
     "StepOutput",
     "Surrogate",
     "VelocityCache",
+    "WindowError",
     "backends",
     "euler_cache_step",
     "flow_sigmas",
