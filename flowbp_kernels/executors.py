@@ -24,10 +24,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from flowbp_kernels._rollout import Rollout, VelocityFn
 from flowbp_kernels.methods import Method, Plan
-from flowbp_kernels.ops.lagrange_leap import lagrange_leap
-from flowbp_kernels.ops.surrogate_vjp import BridgeCoupling, pin, surrogate_vjp
-from flowbp_kernels.rollout import Rollout, VelocityFn
+from flowbp_kernels.ops import BridgeCoupling, lagrange_leap, pin, surrogate_vjp
 from flowbp_kernels.surrogate import Segment, Surrogate
 
 RewardFn = Callable[[torch.Tensor], torch.Tensor]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowbp_kernels.ops.euler_cache_step import VelocityCache
+from flowbp_kernels.ops import VelocityCache
 from flowbp_kernels.ops.reference import working_dtype
 
 VelocityFn = Callable[[torch.Tensor, int], torch.Tensor]
