@@ -61,10 +61,6 @@ class Rollout:
     def velocity(self, i: int) -> torch.Tensor:
         return self.cache.velocity(i, self.dtype)
 
-    def h(self, i: int) -> float:
-        """Step width ``s_{i+1} - s_i`` (negative)."""
-        return float(self.sigmas[i + 1] - self.sigmas[i])
-
 
 def rollout(
     velocity_fn: VelocityFn,
