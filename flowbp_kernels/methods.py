@@ -193,7 +193,7 @@ def _leap_pair(explicit: dict, sample: Callable[[], tuple[int, int]]) -> tuple[i
 
 # ------------------------------------------------------------------------------------- the nine methods
 # draw(o, n, s, explicit, gen) -> the plan's fields: the explicit arguments (already checked to be in the
-# window) where given, else drawn from gen (None when every argument the draw needs is explicit).
+# window) where given, else drawn from gen (which is None when the draw needs no random value).
 # build(o, plan, sg, h, info) -> the surrogate on the schedule sg = [s_0 .. s_N], h_i = s_{i+1} - s_i.
 
 def _draw_full(o, n, s, ex, gen):
@@ -403,7 +403,7 @@ SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                _build_drtune),
     MethodSpec("full", {}, (), _draw_full, _build_chain, random=False),
     MethodSpec("leapalign", {"alpha": 0.3, "tau": 0.1}, ("k", "j"), _draw_leapalign, _build_leapalign,
-               min_window=2),
+               min_window=2),  # two distinct steps k < j
     MethodSpec("flowbp-sparse", {"num_active": 3, "late_bias": 2.0, "grad_rescale": 1.0}, ("active",),
                _draw_sparse, _build_sparse),
     MethodSpec("flowbp-bridge", {"num_active": 5, "late_bias": 2.0, "grad_rescale": 1.0, "alpha": 0.1},
@@ -411,7 +411,7 @@ SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
                check_options=_check_bridge_options),
     MethodSpec("flowbp-lagrange", {"order": 3, "alpha": 0.1, "tau": 0.2, "grad_rescale": 0.5, "support_scale": 0.25,
                                    "max_active_supports": 2, "dirichlet": (2.5, 6.0, 2.0), "max_j_rev": None},
-               ("k", "j"), _draw_lagrange, _build_lagrange, min_window=3),
+               ("k", "j"), _draw_lagrange, _build_lagrange, min_window=3),  # a slot each for A, B and C
 )}
 METHODS = tuple(SPECS)
 #: Default options per method (a copy of the specs'). ``tail_ratio`` is added to every one.
