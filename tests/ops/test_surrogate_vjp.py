@@ -18,8 +18,8 @@ from kernel_helpers import (
 )
 
 import flowbp_kernels as fb
+from flowbp_kernels.ops import GradScale
 from flowbp_kernels.ops import reference as ref
-from flowbp_kernels.ops.surrogate_vjp import GradScale
 
 torch.set_num_threads(1)
 COEFS = [0.7, -1.3, 0.25, 2.0, -0.5, 1.0, 0.9, -0.3, 0.6, 1.7]
