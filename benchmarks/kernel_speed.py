@@ -18,7 +18,6 @@ after that many seconds (the GPU kit's time limit).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import sys
@@ -41,12 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DeviceTimer, append_jsonl, git_revision, write_json  # noqa: E402
 
 import flowbp_kernels as fb  # noqa: E402
+from flowbp_kernels.ops import _euler_cache_step as ecs  # noqa: E402 - the op modules: their backend tables
+from flowbp_kernels.ops import _lagrange_leap as ll  # noqa: E402
+from flowbp_kernels.ops import _surrogate_vjp as sv  # noqa: E402
 from flowbp_kernels.ops import reference as ref  # noqa: E402
-
-# the op modules (the package re-exports functions of the same names)
-ecs = importlib.import_module("flowbp_kernels.ops.euler_cache_step")
-ll = importlib.import_module("flowbp_kernels.ops.lagrange_leap")
-sv = importlib.import_module("flowbp_kernels.ops.surrogate_vjp")
 
 SHAPES = {
     "flux1-512": (1024, 64),

@@ -390,7 +390,7 @@ def _need(cond: bool, msg: str) -> None:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every value (types, ranges, cross-field rules); raises ConfigError naming the key."""
-    from flowbp_kernels import EXECUTORS, METHODS, get_method
+    from flowbp_kernels import EXECUTORS, METHODS, WindowError, get_method
 
     for name in _FIELDS:  # types again: the dataclass can be built or mutated directly
         setattr(cfg, name, _coerce(name, getattr(cfg, name), _HINTS[name]))
@@ -416,18 +416,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         method = get_method(cfg.method, **cfg.method_options)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"method_options{_option_key(str(exc), cfg.method_options)}: {exc}") from None
-    window = cfg.num_steps - method.window_start(cfg.num_steps)
-    opts = method.options
-    if "num_active" in opts and cfg.method in ("flowbp-sparse", "flowbp-bridge", "draft-k", "drtune"):
-        _need(opts["num_active"] <= window,
-              f"method_options.num_active: {opts['num_active']} active steps exceed the {window} steps of the "
-              f"training window (num_steps={cfg.num_steps}, tail_ratio={opts['tail_ratio']})")
-    if cfg.method == "refl":
-        _need(opts["last_n"] <= cfg.num_steps,
-              f"method_options.last_n: {opts['last_n']} exceeds num_steps={cfg.num_steps}")
-    min_window = {"leapalign": 2, "flowbp-lagrange": 3, "flowbp-bridge": 3}.get(cfg.method, 1)
-    _need(window >= min_window, f"num_steps: {cfg.method} needs a training window of at least {min_window} steps, "
-          f"got {window} (num_steps={cfg.num_steps}, tail_ratio={opts['tail_ratio']})")
+    try:  # the method's own window rules (flowbp_kernels.Method.check)
+        method.check(cfg.num_steps)
+    except WindowError as exc:
+        raise ConfigError(f"{'' if exc.key == 'num_steps' else 'method_options.'}{exc.key}: {exc}") from None
     _need(cfg.loss in ("hinge", "neg"), f"loss: expected 'hinge' or 'neg', got {cfg.loss!r}")
     _need(math.isfinite(cfg.loss_margin), f"loss_margin: expected a finite number, got {cfg.loss_margin}")
     _need(isinstance(cfg.reward, str) and cfg.reward != "", "reward: expected a reward name, got an empty value")

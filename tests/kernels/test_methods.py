@@ -143,3 +143,31 @@ def test_surrogate_structure_of_each_method():
     full = fb.get_method("full")
     s3 = full.surrogate(full.plan(N), sig)
     assert len(s3.segments) == N and all(nd.input == "chained" for s in s3.segments for nd in s.nodes)
+
+
+def test_check_names_the_setting_that_does_not_fit():
+    for name in fb.METHODS:
+        assert fb.get_method(name).check(N) is None
+    cases = [(fb.get_method("flowbp-lagrange"), 2, "num_steps", "training window of at least 3 steps, got 2"),
+             (fb.get_method("leapalign", tail_ratio=0.1), 10, "num_steps", "at least 2 steps, got 1"),
+             (fb.get_method("flowbp-sparse", num_active=11), 10, "num_active", "11 active steps exceed the 10"),
+             (fb.get_method("refl", last_n=20), 10, "last_n", "20 exceeds num_steps=10"),
+             (fb.get_method("full"), 0, "num_steps", "num_steps must be an integer >= 1")]
+    for method, n, key, text in cases:
+        with pytest.raises(fb.WindowError, match=text) as err:
+            method.check(n)
+        assert err.value.key == key
+
+
+@pytest.mark.parametrize("name", fb.METHODS)
+def test_plan_and_check_agree_on_the_smallest_window(name):
+    m = fb.get_method(name, **({"num_active": 2} if name == "flowbp-bridge" else {}))
+    for n in range(1, 7):
+        window = n - m.window_start(n)
+        if window < m.spec.min_window:
+            with pytest.raises(ValueError, match="training window of at least"):
+                m.plan(n, torch.Generator().manual_seed(0))
+            with pytest.raises(fb.WindowError):
+                m.check(n)
+        else:
+            assert m.plan(n, torch.Generator().manual_seed(0)).window_start == m.window_start(n)

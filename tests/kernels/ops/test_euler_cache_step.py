@@ -1,6 +1,6 @@
 """euler_cache_step / VelocityCache on every backend: Euler value, cached latent, the three velocity formats
 (bit-exact where the arithmetic is the reference's, and within the error bounds stated in
-ops/euler_cache_step.py), and the fp8-cache gradient property of pinned methods on a tiny model."""
+ops/_euler_cache_step.py), and the fp8-cache gradient property of pinned methods on a tiny model."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_matches_reference(backend, vdtype, fmt, monkeypatch):
 
 
 def _bound(v: torch.Tensor, scale: torch.Tensor | None, fmt: str) -> torch.Tensor:
-    """The per-element bound stated in ops/euler_cache_step.py (plus fp32 round-off of the scaling)."""
+    """The per-element bound stated in ops/_euler_cache_step.py (plus fp32 round-off of the scaling)."""
     a = v.double().abs()
     if fmt == "fp32":
         return torch.zeros_like(a)

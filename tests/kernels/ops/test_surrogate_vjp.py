@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import flowbp_kernels as fb
+from flowbp_kernels.ops import GradScale
 from flowbp_kernels.ops import reference as ref
-from flowbp_kernels.ops.surrogate_vjp import GradScale
 
 from helpers.kernels import (
     ALIGNMENT_SHAPES,

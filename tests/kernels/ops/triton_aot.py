@@ -134,10 +134,9 @@ def exercise() -> None:
 @contextlib.contextmanager
 def shadowed_torch_backend():
     """The torch backend computes; every op call is also handed to the Triton launcher (recorded only)."""
-    import importlib
+    from flowbp_kernels.ops import _euler_cache_step, _lagrange_leap, _surrogate_vjp
 
-    tables = [(importlib.import_module(f"flowbp_kernels.ops.{m}"), t)
-              for m, t in (("lagrange_leap", "_FORWARD"), ("surrogate_vjp", "_IMPL"), ("euler_cache_step", "_IMPL"))]
+    tables = [(_lagrange_leap, "_FORWARD"), (_surrogate_vjp, "_IMPL"), (_euler_cache_step, "_IMPL")]
     saved = [(getattr(mod, t), dict(getattr(mod, t))) for mod, t in tables]
 
     def shadow(table):

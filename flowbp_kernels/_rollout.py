@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flowbp_kernels.ops.euler_cache_step import VelocityCache
+from flowbp_kernels.ops import VelocityCache
 from flowbp_kernels.ops.reference import working_dtype
 
 VelocityFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -60,10 +60,6 @@ class Rollout:
 
     def velocity(self, i: int) -> torch.Tensor:
         return self.cache.velocity(i, self.dtype)
-
-    def h(self, i: int) -> float:
-        """Step width ``s_{i+1} - s_i`` (negative)."""
-        return float(self.sigmas[i + 1] - self.sigmas[i])
 
 
 def rollout(

@@ -20,7 +20,7 @@ import torch
 
 from flowbp_kernels.ops import reference as ref
 from flowbp_kernels.ops._dispatch import choose_backend, compiled_dtypes_check
-from flowbp_kernels.ops.surrogate_vjp import _dispatch_vjp
+from flowbp_kernels.ops._surrogate_vjp import _dispatch_vjp
 
 
 def _as_floats(name: str, values, n: int | None = None) -> list[float]:
