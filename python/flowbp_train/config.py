@@ -63,6 +63,8 @@ RESUME_FIXED_KEYS = ("family", "pretrained_model_name_or_path", "revision", "met
                      "lora_target_modules", "use_ema", "seed", "sampler_seed")
 #: The family's guidance when ``guidance_scale`` is left at None (REFERENCE.md section 1.5).
 DEFAULT_GUIDANCE = {"flux1": 4.0, "sd3": 3.5, "flux2": 4.0, "mini": 1.0}
+#: SD3.5-Large: CFG 3.5 (its model card); Qwen-Image: true_cfg_scale 4.0 (its model card and pipeline).
+DEFAULT_GUIDANCE.update({"sd3-large": 3.5, "qwen-image": 4.0})
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 

@@ -43,6 +43,12 @@ EVAL_PROTOCOL: dict[str, dict] = {
     "flux2": {"num_steps": 50, "guidance_scale": 4.0, "resolution": 512, "dtype": "bf16"},
     "mini": {"num_steps": 10, "guidance_scale": 1.0, "resolution": 16, "dtype": "fp32"},
 }
+#: families without the authors' protocol sample as their model cards do, at the recipes' 512 px:
+#: SD3.5-Large 28 steps at CFG 3.5, Qwen-Image 50 steps at true_cfg_scale 4.0
+EVAL_PROTOCOL.update({
+    "sd3-large": {"num_steps": 28, "guidance_scale": 3.5, "resolution": 512, "dtype": "bf16"},
+    "qwen-image": {"num_steps": 50, "guidance_scale": 4.0, "resolution": 512, "dtype": "bf16"},
+})
 #: settings of a family without an entry (a registered adapter): the adapter's own guidance and size
 FALLBACK_PROTOCOL = {"num_steps": 28, "guidance_scale": None, "resolution": None, "dtype": "bf16"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
