@@ -20,6 +20,8 @@ from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, guide
 
 PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
 MASK = "encoder_hidden_states_mask"
+#: QwenImagePipeline refuses longer prompts (its tokenizer_max_length)
+MAX_TEXT_TOKENS = 1024
 
 
 def _qwen_pipeline_class():
@@ -73,6 +75,9 @@ class QwenImageAdapter(FlowAdapter):
         self.resolution = resolution
         self.guidance_scale = float(self.default_guidance if guidance_scale is None else guidance_scale)
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        if not 1 <= self.max_sequence_length <= MAX_TEXT_TOKENS:
+            raise ValueError(f"max_sequence_length must be in [1, {MAX_TEXT_TOKENS}] for Qwen-Image, "
+                             f"got {self.max_sequence_length!r}")
         self.prompt_encoder, self.negative_prompt = prompt_encoder, negative_prompt
         self.side = resolution // (2 * self.vae_scale_factor)  # packed grid side
         self.num_channels = self.transformer.config.in_channels // 4  # VAE latent channels

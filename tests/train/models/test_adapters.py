@@ -175,3 +175,5 @@ def test_qwen_image_true_cfg_rescales_to_the_conditional_norm_and_detaches_the_n
     full = torch.autograd.grad(ad.velocity_fn(batch, sig, grad_negative=True)(x, 1).square().sum(), params,
                                allow_unused=True)
     assert any(not torch.allclose(a, b) for a, b in zip(got, full) if a is not None and b is not None)
+    with pytest.raises(ValueError, match=r"max_sequence_length must be in \[1, 1024\]"):
+        tiny_adapter("qwen-image", max_sequence_length=2048)  # the pipeline's own limit
