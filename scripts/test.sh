@@ -27,7 +27,8 @@ setup_b() {  # job (b)'s venv and CUDA build; runs in the background while job (
   "$VENV_CUDA/bin/python" -m pip install -q open_clip_torch pytest pytest-xdist pyyaml numpy pillow "transformers>=4.44" \
     "diffusers>=0.32" "peft>=0.12" "accelerate>=0.33" safetensors tqdm matplotlib scikit-learn tensorboard \
     scipy ninja
-  FLOWBP_CUDA_BUILD_DIR="$BUILD_B" VENV="$VENV_CUDA" bash scripts/ci_cuda_build.sh
+  # from a snapshot of the tree taken before job (a) starts (its tests write caches into the tree)
+  FLOWBP_CUDA_BUILD_DIR="$BUILD_B" VENV="$VENV_CUDA" bash "$SRC_B/scripts/ci_cuda_build.sh"
 }
 
 echo "== job (a): torch 2.13.0 CPU, all tests at OMP_NUM_THREADS=2"
@@ -41,7 +42,11 @@ RUN_B=0
 if [ "$RUN_B" = 1 ]; then
   BUILD_B="$(mktemp -d /tmp/flowbp-job-b.XXXXXX)"
   LOG_B="$BUILD_B.setup.log"
-  trap 'rm -rf "$BUILD_B" "$LOG_B"' EXIT
+  SRC_B="$BUILD_B.src"
+  trap '[ -n "${PID_B:-}" ] && kill "$PID_B" 2>/dev/null; rm -rf "$BUILD_B" "$LOG_B" "$SRC_B"' EXIT
+  mkdir -p "$SRC_B"
+  tar --exclude=./build --exclude='*.so' --exclude=./.git --exclude='./.venv*' --exclude=./flowbp-output \
+    --exclude=__pycache__ -cf - . | tar -xf - -C "$SRC_B"
   echo "== job (b): venv and CUDA build start in the background (log printed after job (a))"
   setup_b >"$LOG_B" 2>&1 &
   PID_B=$!
