@@ -25,7 +25,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -33,17 +32,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _common import git_revision, write_json  # noqa: E402
+
 GiB = 2**30
 FAMILIES = ("flux1", "sd3", "flux2")
 METHODS = ("flowbp-lagrange", "flowbp-bridge", "flowbp-sparse", "full", "leapalign", "draft-k", "draft-lv", "drtune",
            "refl")
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def recipe_config(family: str, method: str, executor: str, res: int, batch: int | None, num_steps: int | None,
@@ -138,7 +133,7 @@ def compare(sim_path: Path, measured_path: Path, out: Path) -> list[dict]:
               f"{r['simulated_reserved_gib']:8.2f} {r['measured_reserved_gib']:8.2f} {r['ratio_reserved']:6.3f}")
     if not rows:
         print("no measured row matches a simulated one (pending a GPU run)")
-    out.write_text(json.dumps(rows, indent=1))
+    write_json(out, rows, indent=1)
     return rows
 
 
@@ -157,7 +152,7 @@ def _row(job: dict) -> dict:
                    else real_row(cfg, job["device"], job["size"]))
     except Exception as exc:  # one failing row is reported; the others still run
         row.update(kind="failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
-    row.update(torch=torch.__version__, git=git_rev(), host=f"python {sys.version.split()[0]}",
+    row.update(torch=torch.__version__, git=git_revision(), host=f"python {sys.version.split()[0]}",
                torch_threads=torch.get_num_threads(), overrides=job["set"])
     return row
 
@@ -218,8 +213,7 @@ def main(argv=None) -> None:
             rows.append(_row(job))
             _print_row(rows[-1])
     failed = [r for r in rows if r["kind"] == "failed"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
+    write_json(args.out, rows, indent=1)
     print(f"wrote {args.out}: {len(rows)} rows in {time.perf_counter() - t0:.0f} s with --jobs {args.jobs}"
           + (f"; {len(failed)} failed" if failed else ""))
     if failed:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import PIPELINES, POOLED_DIM, TEXT_DIM, PixelReward, tiny_adapter
 
 from flowbp_train.config import from_dict, load_config
 from flowbp_train.memory import build, plan_memory, planner
@@ -37,7 +36,9 @@ from flowbp_train.memory.allocator import (
 from flowbp_train.memory.simulate import simulate
 from flowbp_train.memory.tracker import MemoryTracker
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
+from helpers.pipelines import PIPELINES, POOLED_DIM, TEXT_DIM, PixelReward, tiny_adapter
+
 FAMILIES = ("flux1", "sd3", "flux2")
 # The real CPU run allocates a handful of 512-byte blocks that the fake run does not (small index/scalar
 # tensors the CPU kernels make that fake kernels fold away): a fixed number of blocks, whatever the model

@@ -181,10 +181,11 @@ def _rank_prompts(cfg, world_size: int) -> tuple[list[str], int]:
     ``world_size * PROMPT_CHUNK`` of the run's, so that rank 0 encodes one full chunk (the most the
     trainer's setup encodes at once, so the device peak is the same); the host cache is scaled to the
     real count."""
-    from flowbp_train.trainer import PROMPT_CHUNK, shard_prompts
+    from flowbp_train.distributed import DistState, shard_prompts
+    from flowbp_train.trainer import PROMPT_CHUNK
 
     prompts = list(cfg.prompts)
-    real = len(shard_prompts(prompts, 0, world_size))
+    real = len(shard_prompts(prompts, DistState(rank=0, world_size=world_size)))
     return prompts[: world_size * PROMPT_CHUNK], real
 
 
