@@ -36,7 +36,10 @@ sys.path.insert(0, str(HERE))
 from _common import git_revision, write_json  # noqa: E402
 
 GiB = 2**30
-FAMILIES = ("flux1", "sd3", "flux2")
+#: the recipe folders every shipped architecture (flowbp_train/memory/architectures/*.json) has
+FAMILIES = tuple(f for f in sorted(json.loads(p.read_text()).get("family", "") for p in
+                                   (ROOT / "python" / "flowbp_train" / "memory" / "architectures").glob("*.json"))
+                 if f and (ROOT / "recipes" / f).is_dir())
 METHODS = ("flowbp-lagrange", "flowbp-bridge", "flowbp-sparse", "full", "leapalign", "draft-k", "draft-lv", "drtune",
            "refl")
 
@@ -45,7 +48,8 @@ def recipe_config(family: str, method: str, executor: str, res: int, batch: int 
                   extra: list[str]):
     from flowbp_train.config import load_config
 
-    ov = [f"executor={executor}", f"resolution={res}"] + ([f"train_batch_size={batch}"] if batch else [])
+    ov = [f"executor={executor}"] + ([f"resolution={res}"] if res else [])
+    ov += [f"train_batch_size={batch}"] if batch else []
     ov += [f"num_steps={num_steps}"] if num_steps else []
     return load_config(ROOT / "recipes" / family / f"{method}.yaml", ov + extra, check=False)
 
@@ -143,10 +147,12 @@ def _row(job: dict) -> dict:
 
     if job["mode"] == "simulate":
         torch.set_num_threads(job["threads"])
+    extra = job["set"] + (["rank=0"] if job["trainable"] == "full" else [])
     cfg = recipe_config(job["family"], job["method"], job["executor"], job["resolution"], job["batch"],
-                        job["num_steps"], job["set"])
+                        job["num_steps"], extra)
     row = {"family": job["family"], "method": job["method"], "executor": job["executor"],
-           "resolution": job["resolution"], "batch": cfg.train_batch_size, "num_steps": cfg.num_steps}
+           "resolution": cfg.resolution, "batch": cfg.train_batch_size, "num_steps": cfg.num_steps,
+           "trainable": "full" if cfg.rank == 0 else f"LoRA r{cfg.rank}"}
     try:
         row.update(simulate_row(cfg, job["world_size"]) if job["mode"] == "simulate"
                    else real_row(cfg, job["device"], job["size"]))
@@ -158,7 +164,8 @@ def _row(job: dict) -> dict:
 
 
 def _print_row(row: dict) -> None:
-    head = f"{row['family']:6} {row['method']:16} {row['executor']:9} {row['resolution']:5} {row['batch']:2}"
+    head = (f"{row['family']:6} {row['method']:16} {row['trainable']:8} {row['executor']:9} {row['resolution']:5} "
+            f"{row['batch']:2}")
     if row["kind"] == "simulated":
         print(f"{head} {row['peak_live_gib']:7.2f} {row['allocated_gib']:9.2f} {row['reserved_gib']:8.2f} "
               f"{row['total_gib']:7.2f} {row['row_seconds']:6.0f}  {row['peak_phase']} ({row['peak_stage']})",
@@ -175,7 +182,9 @@ def main(argv=None) -> None:
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--methods", nargs="+", default=["flowbp-lagrange"], choices=[*METHODS, "all"])
     ap.add_argument("--executors", nargs="+", default=["streaming", "retain"], choices=["streaming", "retain"])
-    ap.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024])
+    ap.add_argument("--resolutions", nargs="+", type=int, default=[512, 1024], help="0: the recipe's")
+    ap.add_argument("--trainable", nargs="+", default=["lora"], choices=["lora", "full"],
+                    help="lora: the recipe's LoRA rank; full: full fine-tuning (rank=0)")
     ap.add_argument("--batch", type=int, default=1, help="per-GPU batch (0: the recipe's)")
     ap.add_argument("--num-steps", type=int, default=None, help="rollout steps (default: the recipe's)")
     ap.add_argument("--world-size", type=int, default=1, help="--mode simulate: plan rank 0 of N ranks")
@@ -195,9 +204,10 @@ def main(argv=None) -> None:
     methods = list(METHODS) if "all" in args.methods else args.methods
     jobs = [dict(family=fam, method=method, executor=ex, resolution=res, batch=args.batch or None,
                  num_steps=args.num_steps, set=args.set, world_size=args.world_size, mode=args.mode,
-                 device=args.device, size=args.size, threads=args.threads)
-            for fam in args.families for res in args.resolutions for method in methods for ex in args.executors]
-    print(f"{'family':6} {'method':16} {'executor':9} {'res':>5} {'b':>2} {'live':>7} {'allocated':>9} "
+                 device=args.device, size=args.size, threads=args.threads, trainable=tr)
+            for fam in args.families for res in args.resolutions for tr in args.trainable for method in methods
+            for ex in args.executors]
+    print(f"{'family':6} {'method':16} {'trains':8} {'executor':9} {'res':>5} {'b':>2} {'live':>7} {'allocated':>9} "
           f"{'reserved':>8} {'total':>7} {'row s':>6}  peak set in ({args.mode}, world size {args.world_size}; GiB)")
     t0 = time.perf_counter()
     rows = []
@@ -208,10 +218,12 @@ def main(argv=None) -> None:
             for row in pool.map(_row, jobs):
                 rows.append(row)
                 _print_row(row)
+                write_json(args.out, rows, indent=1)  # row by row: a stopped run keeps what it finished
     else:
         for job in jobs:
             rows.append(_row(job))
             _print_row(rows[-1])
+            write_json(args.out, rows, indent=1)
     failed = [r for r in rows if r["kind"] == "failed"]
     write_json(args.out, rows, indent=1)
     print(f"wrote {args.out}: {len(rows)} rows in {time.perf_counter() - t0:.0f} s with --jobs {args.jobs}"
