@@ -37,8 +37,8 @@ def train_main(argv: list[str] | None = None) -> int:
                         "of this size and which changes would make it fit")
     parser.add_argument("--world-size", metavar="N", help="with --plan-memory: plan rank 0 of N ranks "
                         "(distributed_strategy: ddp or fsdp2)")
-    try:
-        args = parser.parse_args(argv)
+    try:  # key=value overrides before or after the options (``RECIPE --plan-memory key=value``)
+        args = parser.parse_intermixed_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
     if args.plan_memory or args.gpu_memory is not None or args.world_size is not None:

@@ -9,6 +9,7 @@ a subprocess (the user's path: a model folder, FSDP2 on two ranks, the fit answe
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing
 import os
@@ -121,14 +122,19 @@ def _wide_kw():
     return dict(reward_factory=pixel_reward, sample=False, spec=wide_spec())
 
 
-def _counted_plan(cfg, gib):
-    """``plan_memory`` and the number of runs it simulated."""
+def _counted_plan(cfg, gib, base):
+    """``plan_memory`` and the number of runs it simulated; a run of ``base``'s config is not simulated
+    again but copied from ``base`` (the same program gives the same trace: one simulation serves the
+    plan, the fit answers and the bound tests)."""
     calls = []
     orig = planner._Measured.__init__
 
     def counted(self, c, *a, **kw):
         calls.append(c)
-        orig(self, c, *a, **kw)
+        if c == base.sim_cfg:
+            self.__dict__.update(copy.deepcopy(base.__dict__))
+        else:
+            orig(self, c, *a, **kw)
 
     planner._Measured.__init__ = counted
     try:
@@ -165,12 +171,13 @@ def _job(job):
     if name == "slicing":
         cfg = tiny_cfg(folders["sd3"], "sd3", train_batch_size=4, vae_slicing=arg, guidance_scale=1.0)
         return simulate(cfg, reward_factory=pixel_reward, sample=False).trace.phase_peaks["decode backward"]
-    if name == "wide":  # the plan, then the fit answer just below its live peak
+    if name == "wide":  # the plan; the fit answer just below its live peak; and on a GPU that holds the
+        # fixed costs and not even the weights (1.2 GB here)
         base = planner._Measured(wide_cfg(), 1, _wide_kw(), None)
+        base.sim_cfg = wide_cfg()
         p = base.plan
-        return base, _counted_plan(wide_cfg(), (p.peak_bytes + sum(p.fixed.values()) - 1) / GiB)
-    if name == "none":  # a GPU that holds the fixed costs and not even the weights (1.2 GB here)
-        return _counted_plan(wide_cfg(), 1.5)
+        tight = _counted_plan(wide_cfg(), (p.peak_bytes + sum(p.fixed.values()) - 1) / GiB, base)
+        return base, tight, _counted_plan(wide_cfg(), 1.5, base)
     if name == "dist":  # the fake rank 0 of two, no-grad forwards replayed (the default) around the hooks
         return _summary(simulate(_dist_cfg(folders["sd3"], arg), reward_factory=pixel_reward, world_size=2))
     if name == "patches":  # in a worker that has simulated: nothing the planning patched is left patched
@@ -237,7 +244,7 @@ def cli_run(folders):
 def sims(folders, gloo_ranks, cli_run):
     """Every simulation of the module, two at a time in forked workers, the longest first (the real gloo
     ranks and the CLI's subprocess, started first, run beside them)."""
-    jobs = [("wide", None), *(("run", (f, True)) for f in FAMILIES), ("none", None), ("dist", "fsdp2"), ("dist", "ddp"),
+    jobs = [("wide", None), *(("run", (f, True)) for f in FAMILIES), ("dist", "fsdp2"), ("dist", "ddp"),
             *(("nodes", (ex, k)) for ex in ("streaming", "retain") for k in (2, 4)),
             ("kept", "sd3"), ("slicing", False), ("slicing", True), *(("run", (f, False)) for f in FAMILIES),
             ("patches", None)]
@@ -320,8 +327,7 @@ def test_fit_answer_is_the_limited_allocator_replay(sims):
 
 
 def test_gpu_memory_names_the_cheapest_change_that_fits(sims):
-    _, (tight, n_tight) = sims["wide", None]
-    none, n_none = sims["none", None]
+    _, (tight, n_tight), (none, n_none) = sims["wide", None]
     assert tight.fits is False  # retain's own live peak does not fit
     first = tight.suggestions[0]
     assert first.overrides == {"executor": "streaming"} and first.status == "fits" and first.total_bytes > 0
@@ -478,3 +484,56 @@ def test_every_recipe_family_resolves_for_planning():
         cfg = load_config(ROOT / "recipes" / fam / "flowbp-lagrange.yaml", check=False)
         spec = build.component_specs(fam, cfg.pretrained_model_name_or_path)
         assert spec["transformer"]["class"].endswith("Transformer2DModel") and spec["text_encoders"]
+
+
+def test_gpu_memory_takes_a_unit():
+    from flowbp_train.memory.cli import parse_gpu_memory
+
+    assert parse_gpu_memory("80") == parse_gpu_memory("80GiB") == parse_gpu_memory("80 GB") == 80.0
+    assert parse_gpu_memory("40.5g") == 40.5
+    for bad in ("80TB", "GiB", "inf", "0GiB"):
+        with pytest.raises(ValueError, match="^--gpu-memory: expected a number of GiB > 0"):
+            parse_gpu_memory(bad)
+
+
+def test_cli_checks_the_model_folder_before_planning(tmp_path, capsys):
+    from flowbp_train.cli import train_main
+
+    assert train_main(["recipes/flux1/leapalign.yaml", f"pretrained_model_name_or_path={tmp_path}",
+                       "--plan-memory", "--gpu-memory", "80GiB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("flowbp-train: error: pretrained_model_name_or_path"), err
+    assert "model_index.json" in err[0]
+
+
+def test_a_new_architecture_file_is_picked_up(tmp_path, monkeypatch):
+    """A family added with its architecture file and its adapter class (no code here): found by the file's
+    ``family``, built through its pipeline class, prompts from the shapes the file declares."""
+    import types
+
+    from flowbp_train import models
+    from flowbp_train.models.flux import FluxAdapter
+
+    arch = json.loads((build.ARCHITECTURES / "flux1-dev.json").read_text())
+    arch["family"] = "newfam"
+    arch["transformer"]["config"].update(arch["transformer"].pop("tiny"))
+    arch["vae"]["config"].update(arch["vae"].pop("tiny"))
+    arch["text_encoders"] = {}
+    (tmp_path / "newfam.json").write_text(json.dumps(arch))
+    (tmp_path / "rewards.json").write_text("{}")
+    assert build.shipped_architectures(tmp_path) == {"newfam": "newfam.json"}
+    assert set(build.FAMILY_FILES) >= {"flux1", "sd3", "flux2"}  # the shipped ones, found the same way
+    with pytest.raises(ValueError, match="^family: .* must declare prompt_outputs"):
+        build.check_spec("newfam", arch)
+    arch["prompt_outputs"] = [["batch", "max_sequence_length", TEXT_DIM], ["batch", POOLED_DIM], None]
+    (tmp_path / "copy.json").write_text(json.dumps(arch))
+    with pytest.raises(ValueError, match="both describe family 'newfam'"):
+        build.shipped_architectures(tmp_path)
+    monkeypatch.setitem(models.ADAPTERS, "newfam", FluxAdapter)
+    cfg = types.SimpleNamespace(family="newfam", pretrained_model_name_or_path=None, mixed_precision="no",
+                                resolution=32, guidance_scale=3.5, max_sequence_length=4)
+    adapter, _ = build.build_adapter(cfg, spec=arch)
+    batch = adapter.encode_prompts(["a cat", "a dog"])
+    assert isinstance(adapter, FluxAdapter) and type(adapter.pipeline).__name__ == arch["pipeline"]
+    shapes = {k: tuple(v.shape) for k, v in batch.tensors.items()}
+    assert shapes == {"encoder_hidden_states": (2, 4, TEXT_DIM), "pooled_projections": (2, POOLED_DIM)}

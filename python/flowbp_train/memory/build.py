@@ -22,8 +22,30 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
+#: families whose pipeline's ``encode_prompt`` has a stand-in here that runs the text encoders; any other
+#: family's architecture file declares the shapes its ``encode_prompt`` returns (``prompt_outputs``)
+ENCODER_STAND_INS = ("flux1", "sd3", "flux2")
+
+
+def shipped_architectures(folder: Path | None = None) -> dict[str, str]:
+    """``family -> file name`` of every architecture file in ``folder`` (default: the shipped
+    ``architectures/``) that names its ``family``: a new family's file is picked up as it is added."""
+    found: dict[str, str] = {}
+    for path in sorted((folder or ARCHITECTURES).glob("*.json")):
+        try:
+            family = json.loads(path.read_text()).get("family")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"architectures: cannot read {path.name} ({exc})") from None
+        if family is None:  # rewards.json: the reward towers
+            continue
+        if family in found:
+            raise ValueError(f"architectures: {found[family]} and {path.name} both describe family {family!r}")
+        found[family] = path.name
+    return found
+
+
 #: family -> the shipped architecture file (the published model the recipes target)
-FAMILY_FILES = {"flux1": "flux1-dev.json", "sd3": "sd3.5-medium.json", "flux2": "flux2-klein-base-9b.json"}
+FAMILY_FILES = shipped_architectures()
 #: reward -> the shipped reward-tower architecture (rewards.json)
 REWARD_TOWERS = {"hpsv2": "ViT-H-14", "pickscore": "ViT-H-14", "clipscore": "ViT-L-14"}
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -194,8 +216,18 @@ def pipeline_encoder(family: str, spec: dict, encoders: dict[str, torch.nn.Modul
             return (h.permute(0, 2, 1, 3).reshape(b, h.shape[2], -1),)
         return (torch.randn(b, max_sequence_length or 512, joint),)
 
+    def declared(prompts: list[str]) -> tuple:
+        """A family without a stand-in: the outputs its architecture file declares, ``null`` or a shape
+        whose ``"batch"`` / ``"max_sequence_length"`` entries are filled in (random embeddings)."""
+        sizes = {"batch": len(prompts), "max_sequence_length": max_sequence_length or tl}
+        return tuple(None if shape is None else torch.randn(*[sizes.get(d, d) for d in shape])
+                     for shape in spec["prompt_outputs"])
+
     def encode_prompt(prompt, *_args, **_kw):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if family not in ENCODER_STAND_INS:
+            outs = declared(prompts)
+            return tuple(None if o is None else to_host(o)[0] for o in outs)
         outs = to_host(*run(prompts))
         if family == "flux1":  # (prompt_embeds, pooled_prompt_embeds, text_ids)
             return outs[0], outs[1], None
@@ -256,11 +288,48 @@ def build_adapter(cfg, *, on_host: Callable[[], contextlib.AbstractContextManage
                                   tokenizer=None, transformer=transformer)
         adapter = Flux2Adapter(pipe, **kw)
     else:
-        raise ValueError(f"family: the memory planner supports flux1, sd3, flux2 and mini, got {family!r}")
+        pipe, adapter = _generic_adapter(family, spec, transformer, vae, scheduler, encoders, kw)
     pipe.encode_prompt = encode_prompt  # the adapter's own prompt path runs (placement, cache, offload)
     if to_device is not None:  # placed by the adapter's constructor (place_module)
         to_device([t for m in (transformer, vae) for t in (*m.parameters(), *m.buffers())])
     return adapter, spec
+
+
+def check_spec(family: str, spec: dict) -> None:
+    """What the planner needs of a family without its own stand-in (one line naming the file's key)."""
+    if family in ENCODER_STAND_INS:
+        return
+    where = spec.get("source", family)
+    outs = spec.get("prompt_outputs")
+    if not isinstance(spec.get("pipeline"), str):
+        raise ValueError(f"family: {where} must name its diffusers pipeline class (key 'pipeline')")
+    if not (isinstance(outs, list) and outs and all(
+            o is None or (isinstance(o, list) and all(isinstance(d, int) or d in ("batch", "max_sequence_length")
+                                                       for d in o)) for o in outs)):
+        raise ValueError(f"family: {where} must declare prompt_outputs, the shapes its pipeline's encode_prompt "
+                         f"returns (a list of null or [\"batch\", length or \"max_sequence_length\", width])")
+
+
+def _generic_adapter(family, spec, transformer, vae, scheduler, encoders, kw):
+    """A family with no code here: its diffusers pipeline (``spec["pipeline"]``) from the built components
+    (every other component None), wrapped in the adapter the model registry names for it."""
+    import inspect
+
+    import diffusers
+
+    from flowbp_train.models import adapter_class
+
+    check_spec(family, spec)
+    cls = getattr(diffusers, spec["pipeline"], None)
+    if cls is None:
+        raise ValueError(f"family: diffusers {diffusers.__version__} has no pipeline {spec['pipeline']!r}")
+    have = {"transformer": transformer, "vae": vae, "scheduler": scheduler, **encoders}
+    names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    pipe = cls(**{n: have.get(n) for n in names})
+    entry = adapter_class(family)
+    if not isinstance(entry, type):
+        raise ValueError(f"family: the {family!r} adapter is registered as a factory; the planner needs its class")
+    return pipe, entry(pipe, **kw)
 
 
 def build_mini_adapter(cfg):

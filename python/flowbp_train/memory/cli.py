@@ -15,14 +15,25 @@ def _error(msg: str) -> int:
     return 2
 
 
+#: unit suffixes ``--gpu-memory`` takes, all meaning GiB: cards are sold by GiB under the name "GB"
+#: (an "80GB" card holds 80 GiB)
+GPU_MEMORY_UNITS = ("gib", "gb", "g")
+
+
 def parse_gpu_memory(text: str | None) -> float | None:
-    """``--gpu-memory`` as a number of GiB > 0 (ValueError with a one-line message otherwise)."""
+    """``--gpu-memory`` as a number of GiB > 0, optionally with a unit (``80``, ``80GiB``, ``80GB``,
+    ``80G``: all 80 GiB); ValueError with a one-line message otherwise."""
     if text is None:
         return None
+    number = text.strip()
+    for unit in GPU_MEMORY_UNITS:
+        if number.lower().endswith(unit):
+            number = number[: -len(unit)].strip()
+            break
     try:
-        value = float(text)
+        value = float(number)
     except ValueError:
-        raise ValueError(f"--gpu-memory: expected a number of GiB > 0, got {text!r}") from None
+        raise ValueError(f"--gpu-memory: expected a number of GiB > 0 (e.g. 80 or 80GiB), got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"--gpu-memory: expected a number of GiB > 0, got {text!r}")
     return value
@@ -61,6 +72,10 @@ def plan_main(recipe: str, overrides: list[str], gpu_memory: str | None, *, plan
             raise ValueError(f"reward: the memory planner knows the architectures of "
                              f"{', '.join(REWARD_TOWERS)} and mini, got {cfg.reward!r}")
         as_dtype(cfg.reward_kwargs.get("dtype", "fp32"), "reward_kwargs.dtype")
+        if cfg.family != "mini":  # the architecture (the folder's config files or the shipped one), now
+            from flowbp_train.memory.build import check_spec, component_specs
+
+            check_spec(cfg.family, component_specs(cfg.family, cfg.pretrained_model_name_or_path))
     except (ConfigError, ValueError) as exc:
         return _error(" ".join(str(exc).split()))
     from flowbp_train.memory.planner import plan_memory
