@@ -504,6 +504,11 @@ def test_cli_checks_the_model_folder_before_planning(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("flowbp-train: error: pretrained_model_name_or_path"), err
     assert "model_index.json" in err[0]
+    # a local path that is no folder: an error, not the shipped architecture planned in its place
+    assert train_main(["recipes/flux1/leapalign.yaml", "--plan-memory", "--gpu-memory", "80",
+                       f"pretrained_model_name_or_path={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a model folder" in err[0], err
 
 
 def test_a_new_architecture_file_is_picked_up(tmp_path, monkeypatch):

@@ -116,7 +116,11 @@ def folder_specs(folder: Path) -> dict:
 
 
 def component_specs(family: str, pretrained: str | None) -> dict:
-    """The specs of a run: the local model folder's configs when there is one, else the shipped ones."""
+    """The specs of a run: the local model folder's configs when there is one, else the shipped ones (a
+    model id, or none). A local path that is no folder is an error, not a reason to plan another model."""
+    if pretrained and not Path(pretrained).is_dir() and _looks_local(str(pretrained)):
+        raise ValueError(f"pretrained_model_name_or_path: {pretrained} is not a model folder (expected a local "
+                         f"diffusers folder or a model id such as black-forest-labs/FLUX.1-dev)")
     if pretrained and Path(pretrained).is_dir():
         spec = folder_specs(Path(pretrained))
         shipped = load_architecture(family) if family in FAMILY_FILES else {}
@@ -129,6 +133,11 @@ def component_specs(family: str, pretrained: str | None) -> dict:
     spec = load_architecture(family)
     spec["source"] = f"published architecture ({FAMILY_FILES[family]})"
     return spec
+
+
+def _looks_local(name: str) -> bool:
+    """A path on this machine rather than a hub id (``owner/name``: one slash, no leading dot or slash)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
 
 
 def build_module(spec: dict, dtype: torch.dtype) -> torch.nn.Module:
