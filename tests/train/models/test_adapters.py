@@ -30,6 +30,12 @@ def _pipeline_image(ad, batch, noise):
                    negative_prompt_embeds=batch.negative["encoder_hidden_states"],
                    negative_pooled_prompt_embeds=batch.negative["pooled_projections"],
                    sigmas=np.linspace(1.0, 1 / N, N).tolist(), **common)
+    elif fam == "flux2-dev":  # embedded guidance, one branch; latents before packing as Klein's
+        b, n, c = noise.shape
+        common["latents"] = noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone()
+        out = pipe(prompt_embeds=t["encoder_hidden_states"], **common)
+    elif fam == "zimage":
+        out = _zimage_pipeline_call(pipe, batch, common)
     else:  # FLUX.2 takes the latents before packing: [B, 128, H/16, W/16]
         b, n, c = noise.shape
         common["latents"] = noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone()
@@ -38,7 +44,15 @@ def _pipeline_image(ad, batch, noise):
     return torch.from_numpy(out.images).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2"])
+def _zimage_pipeline_call(pipe, batch, common):
+    """ZImagePipeline takes prompt embeddings as one [L_i, D] tensor per prompt (its padding removed)."""
+    def unpadded(t):
+        return [e[m.bool()] for e, m in zip(t["encoder_hidden_states"], t["attention_mask"])]
+
+    return pipe(prompt_embeds=unpadded(batch.tensors), negative_prompt_embeds=unpadded(batch.negative), **common)
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "zimage"])
 def test_rollout_and_decode_match_the_diffusers_pipeline(family):
     ad = tiny_adapter(family)
     batch = ad.encode_prompts(["a cat", "a red bus"])
@@ -52,14 +66,14 @@ def test_rollout_and_decode_match_the_diffusers_pipeline(family):
     assert torch.allclose(ours, ref, atol=2e-5), float((ours - ref).abs().max())
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "flux2", "zimage"])
 def test_negative_branch_has_no_gradient_unless_asked(family):
     ad = tiny_adapter(family)
     batch = ad.encode_prompts(["a cat"])
     sig = ad.sigmas(N)
     x = ad.initial_noise(1, generator=torch.Generator().manual_seed(0))
     params = [p for p in ad.transformer.parameters()]
-    g = ad.guidance_scale
+    g = ad.cfg_multiplier  # the guidance scale, but for Z-Image's v_c + g (v_c - v_u): 1 + g
 
     def grads(fn):
         return torch.autograd.grad(fn().square().sum(), params, allow_unused=True)
