@@ -189,6 +189,30 @@ def flux2_pipeline(qwen_tok):
                               transformer=transformer, is_distilled=False)
 
 
+def zimage_pipeline(qwen_tok):
+    """Z-Image: a Qwen3 text encoder (second-to-last hidden state, QWEN_HIDDEN wide) and the Z-Image
+    transformer on the FLUX.1-style VAE, static shift as the published scheduler."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    qcfg = Qwen3Config(vocab_size=len(qwen_tok), hidden_size=QWEN_HIDDEN, intermediate_size=2 * QWEN_HIDDEN,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                       max_position_embeddings=1024, tie_word_embeddings=True,
+                       pad_token_id=qwen_tok.pad_token_id, eos_token_id=qwen_tok.eos_token_id)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=QWEN_HIDDEN, axes_dims=[4, 6, 6], axes_lens=[640, 32, 32])
+    with torch.no_grad():  # diffusers starts the final layer at zero: random, so a LoRA changes the image
+        for p in transformer.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.1)
+    return ZImagePipeline(scheduler=_scheduler(use_dynamic_shifting=False, shift=3.0), vae=_vae_kl(),
+                          text_encoder=Qwen3Model(qcfg).eval(), tokenizer=qwen_tok, transformer=transformer)
+
+
+PIPELINES["zimage"] = "ZImagePipeline"
+
+
 def reward_clip(clip_tok):
     """A tiny ``CLIPModel`` (text and vision towers, 224 px input as PickScore's) for the reward."""
     from transformers import CLIPConfig, CLIPModel
@@ -204,6 +228,11 @@ def reward_clip(clip_tok):
     return CLIPModel(cfg).eval()
 
 
+def EXTRA_FAMILIES(clip_tok, t5_tok, qwen_tok) -> list:  # noqa: N802 (a table, built per call)
+    """The families added after the first three, each one entry: (name, builder)."""
+    return [("zimage", lambda: zimage_pipeline(qwen_tok))]
+
+
 def build_all(root: Path, seed: int = 0) -> dict[str, Path]:
     """Write ``root/{flux1,sd3,flux2,clip}`` and ``root/prompts.txt``; returns the paths by name."""
     from transformers import CLIPImageProcessor
@@ -213,7 +242,8 @@ def build_all(root: Path, seed: int = 0) -> dict[str, Path]:
     paths = {}
     for k, (name, make) in enumerate((("flux1", lambda: flux1_pipeline(clip_tok, t5_tok)),
                                       ("sd3", lambda: sd3_pipeline(clip_tok, t5_tok)),
-                                      ("flux2", lambda: flux2_pipeline(qwen_tok)))):
+                                      ("flux2", lambda: flux2_pipeline(qwen_tok)),
+                                      *EXTRA_FAMILIES(clip_tok, t5_tok, qwen_tok))):
         torch.manual_seed(seed + k)
         paths[name] = root / name
         make().save_pretrained(paths[name])

@@ -148,3 +148,17 @@ def test_flux2_follows_the_pipeline_is_distilled(distilled):
                height=RESOLUTION, width=RESOLUTION, guidance_scale=4.0,
                latents=noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone(), **neg).images
     assert torch.allclose(ours, torch.from_numpy(ref).permute(0, 3, 1, 2), atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["flux2-dev", "zimage"])
+def test_fsdp2_shards_every_block_of_the_added_families(family):
+    """The blocks FSDP2 wraps one by one (``distributed._blocks``): every block class of the transformer,
+    Z-Image's refiner blocks included (the 2-rank CPU run of tests/train/distributed uses SD3 only)."""
+    from flowbp_train.distributed import _blocks
+
+    tr = tiny_adapter(family).transformer
+    found = {id(b) for b in _blocks(tr)}
+    classes = {"flux2-dev": ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
+               "zimage": ("ZImageTransformerBlock",)}[family]
+    blocks = [m for m in tr.modules() if type(m).__name__ in classes]
+    assert blocks and {id(b) for b in blocks} == found

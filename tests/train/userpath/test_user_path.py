@@ -35,6 +35,13 @@ FAMILIES = ("flux1", "sd3", "flux2")
 PIPELINE_CLASSES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "flux2": "Flux2KleinPipeline"}
 ADAPTERS = {"flux1": "flowbp_train.models.flux:FluxAdapter", "sd3": "flowbp_train.models.sd3:SD3Adapter",
             "flux2": "flowbp_train.models.flux2:Flux2Adapter"}
+# the families added later, one self-contained entry each
+FAMILIES += ("zimage",)
+PIPELINE_CLASSES["zimage"] = "ZImagePipeline"
+ADAPTERS["zimage"] = "flowbp_train.models.zimage:ZImageAdapter"
+#: per family: the tokenizers the folder loads with, the prompt length the adapter encodes to, the number
+#: of text encoders, the transformer class of a full fine-tuning export
+ADDED = {"zimage": ({"tokenizer": "Qwen2Tokenizer"}, 512, 1, "ZImageTransformer2DModel")}
 RANK, ALPHA = 4, 16  # lora_alpha != rank: the export must keep the scale alpha / r = 4
 EVAL_STEPS, SEED = 2, 0
 #: what makes a README command fit a CPU test: tiny sizes, fp32, the offline reward and prompts (added below)
@@ -246,7 +253,7 @@ def test_the_folder_loads_in_the_stock_pipeline_with_real_tokenizers(folders, fa
              if getattr(pipe, n, None) is not None}
     want = {"flux1": {"tokenizer": "CLIPTokenizer", "tokenizer_2": "T5Tokenizer"},
             "sd3": {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5Tokenizer"},
-            "flux2": {"tokenizer": "Qwen2Tokenizer"}}[family]
+            "flux2": {"tokenizer": "Qwen2Tokenizer"}, **{f: a[0] for f, a in ADDED.items()}}[family]
     assert names == want
     for n in names:  # every piece of a prompt is in the trained vocabulary
         tok = getattr(pipe, n)
@@ -265,12 +272,14 @@ def test_text_encoders_encode_in_the_model_dtype_at_the_family_length(folders, f
     ad = _cls(ADAPTERS[family])(pipe, resolution=tf.RESOLUTION, device="cpu", dtype=torch.bfloat16)
     assert ad.max_sequence_length == 512
     batch = ad.encode_prompts(tf.PROMPTS[:2])
-    length = {"flux1": 512, "sd3": tf.CLIP_MAX_TOKENS + 512, "flux2": 512}[family]
+    length = {"flux1": 512, "sd3": tf.CLIP_MAX_TOKENS + 512, "flux2": 512, **{f: a[1] for f, a in ADDED.items()}}[family]
     assert batch.tensors["encoder_hidden_states"].shape[:2] == (2, length)
     encoders = ad.text_encoders()
-    assert len(encoders) == {"flux1": 2, "sd3": 3, "flux2": 1}[family]
+    assert len(encoders) == {"flux1": 2, "sd3": 3, "flux2": 1, **{f: a[2] for f, a in ADDED.items()}}[family]
     assert all(p.dtype == torch.bfloat16 for e in encoders for p in e.parameters())
-    assert ad.encoded_prompts == 2 + (family != "flux1") and ad.encode_seconds > 0  # + the empty negative
+    negative = ad.uses_cfg if family in ADDED else family != "flux1"
+    assert ad.encoded_prompts == 2 + negative
+    assert ad.encode_seconds > 0  # + the empty negative where CFG runs
     ad.offload_text_encoders()
     assert all(p.device.type == "cpu" for e in encoders for p in e.parameters())
 
@@ -332,7 +341,7 @@ def test_full_finetuning_writes_a_loadable_transformer(runs, family):
     r = runs[family]
     _ok(r["train_full"])
     cls = getattr(diffusers, {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
-                              "flux2": "Flux2Transformer2DModel"}[family])
+                              "flux2": "Flux2Transformer2DModel", **{f: a[3] for f, a in ADDED.items()}}[family])
     tr = cls.from_pretrained(str(r["full"] / "transformer"))
     assert sum(p.numel() for p in tr.parameters()) > 0
     log = [json.loads(x) for x in (r["full"] / "logs" / "train_log.jsonl").read_text().splitlines()]
