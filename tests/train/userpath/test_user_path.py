@@ -272,7 +272,8 @@ def test_text_encoders_encode_in_the_model_dtype_at_the_family_length(folders, f
     ad = _cls(ADAPTERS[family])(pipe, resolution=tf.RESOLUTION, device="cpu", dtype=torch.bfloat16)
     assert ad.max_sequence_length == 512
     batch = ad.encode_prompts(tf.PROMPTS[:2])
-    length = {"flux1": 512, "sd3": tf.CLIP_MAX_TOKENS + 512, "flux2": 512, **{f: a[1] for f, a in ADDED.items()}}[family]
+    length = {"flux1": 512, "sd3": tf.CLIP_MAX_TOKENS + 512, "flux2": 512,
+              **{f: a[1] for f, a in ADDED.items()}}[family]
     assert batch.tensors["encoder_hidden_states"].shape[:2] == (2, length)
     encoders = ad.text_encoders()
     assert len(encoders) == {"flux1": 2, "sd3": 3, "flux2": 1, **{f: a[2] for f, a in ADDED.items()}}[family]
