@@ -210,7 +210,7 @@ def zimage_pipeline(qwen_tok):
                           text_encoder=Qwen3Model(qcfg).eval(), tokenizer=qwen_tok, transformer=transformer)
 
 
-PIPELINES["zimage"] = "ZImagePipeline"
+PIPELINES["z-image"] = "ZImagePipeline"
 
 
 def reward_clip(clip_tok):
@@ -230,7 +230,7 @@ def reward_clip(clip_tok):
 
 def EXTRA_FAMILIES(clip_tok, t5_tok, qwen_tok) -> list:  # noqa: N802 (a table, built per call)
     """The families added after the first three, each one entry: (name, builder)."""
-    return [("zimage", lambda: zimage_pipeline(qwen_tok))]
+    return [("z-image", lambda: zimage_pipeline(qwen_tok))]
 
 
 def build_all(root: Path, seed: int = 0) -> dict[str, Path]:

@@ -137,7 +137,7 @@ def zimage_pipeline(seed: int = 0):
                           text_encoder=None, tokenizer=None, transformer=transformer)
 
 
-PIPELINES["zimage"] = zimage_pipeline
+PIPELINES["z-image"] = zimage_pipeline
 
 
 def tiny_adapter(family: str, seed: int = 0, **kw):

@@ -147,7 +147,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert any(not torch.equal(loaded[n], p) for n, p in lora_params(trainer.adapter.transformer).items())
 
 
-@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "zimage"])
+@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "z-image"])
 def test_saved_lora_loads_in_the_pipeline_at_its_trained_scale(tmp_path, family):
     """rank 4 with lora_alpha 16 (scale 4): the final export (EMA weights) loads with the stock pipeline's
     load_lora_weights and reproduces the trained velocity; a checkpoint holds the raw and the EMA LoRA,
@@ -241,7 +241,7 @@ def test_cli_trains_with_registered_adapter_and_reward(tmp_path):
     assert PIPELINES  # the tiny factories are shared with the adapter tests
 
 
-@pytest.mark.parametrize("family", ["flux2-dev", "zimage"])
+@pytest.mark.parametrize("family", ["flux2-dev", "z-image"])
 def test_every_method_trains_the_added_families(tmp_path, family):
     """FLUX.2-dev and Z-Image: each method with both executors (one step each: a step runs the method's
     whole plan), LoRA in fp32; then full fine-tuning and a bf16 transformer with fp32 LoRA weights."""

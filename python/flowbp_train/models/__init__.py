@@ -22,7 +22,7 @@ ADAPTERS: dict[str, str | Callable[..., FlowAdapter]] = {
     "mini": "flowbp_train.models.mini:MiniAdapter",
 }
 ADAPTERS["flux2-dev"] = "flowbp_train.models.flux2_dev:Flux2DevAdapter"
-ADAPTERS["zimage"] = "flowbp_train.models.zimage:ZImageAdapter"
+ADAPTERS["z-image"] = "flowbp_train.models.zimage:ZImageAdapter"
 
 
 def register_adapter(family: str, adapter: str | type | Callable[..., FlowAdapter]) -> None:

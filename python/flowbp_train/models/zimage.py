@@ -49,7 +49,7 @@ class ZImageAdapter(FlowAdapter):
             ``"attention_mask"`` ``[B, L]``; default: every token) replacing the text encoder.
     """
 
-    family = "zimage"
+    family = "z-image"
     pipeline_class_name = "ZImagePipeline"
     text_encoder_names = ("text_encoder",)
     # Every attention and SwiGLU feed-forward projection of the main and both refiner block lists (the

@@ -34,7 +34,7 @@ def _pipeline_image(ad, batch, noise):
         b, n, c = noise.shape
         common["latents"] = noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone()
         out = pipe(prompt_embeds=t["encoder_hidden_states"], **common)
-    elif fam == "zimage":
+    elif fam == "z-image":
         out = _zimage_pipeline_call(pipe, batch, common)
     else:  # FLUX.2 takes the latents before packing: [B, 128, H/16, W/16]
         b, n, c = noise.shape
@@ -52,7 +52,7 @@ def _zimage_pipeline_call(pipe, batch, common):
     return pipe(prompt_embeds=unpadded(batch.tensors), negative_prompt_embeds=unpadded(batch.negative), **common)
 
 
-@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "zimage"])
+@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "z-image"])
 def test_rollout_and_decode_match_the_diffusers_pipeline(family):
     ad = tiny_adapter(family)
     batch = ad.encode_prompts(["a cat", "a red bus"])
@@ -66,7 +66,7 @@ def test_rollout_and_decode_match_the_diffusers_pipeline(family):
     assert torch.allclose(ours, ref, atol=2e-5), float((ours - ref).abs().max())
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux2", "zimage"])
+@pytest.mark.parametrize("family", ["sd3", "flux2", "z-image"])
 def test_negative_branch_has_no_gradient_unless_asked(family):
     ad = tiny_adapter(family)
     batch = ad.encode_prompts(["a cat"])
@@ -150,7 +150,7 @@ def test_flux2_follows_the_pipeline_is_distilled(distilled):
     assert torch.allclose(ours, torch.from_numpy(ref).permute(0, 3, 1, 2), atol=2e-5)
 
 
-@pytest.mark.parametrize("family", ["flux2-dev", "zimage"])
+@pytest.mark.parametrize("family", ["flux2-dev", "z-image"])
 def test_fsdp2_shards_every_block_of_the_added_families(family):
     """The blocks FSDP2 wraps one by one (``distributed._blocks``): every block class of the transformer,
     Z-Image's refiner blocks included (the 2-rank CPU run of tests/train/distributed uses SD3 only)."""
@@ -159,6 +159,6 @@ def test_fsdp2_shards_every_block_of_the_added_families(family):
     tr = tiny_adapter(family).transformer
     found = {id(b) for b in _blocks(tr)}
     classes = {"flux2-dev": ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
-               "zimage": ("ZImageTransformerBlock",)}[family]
+               "z-image": ("ZImageTransformerBlock",)}[family]
     blocks = [m for m in tr.modules() if type(m).__name__ in classes]
     assert blocks and {id(b) for b in blocks} == found

@@ -20,10 +20,10 @@ MIN_COVERAGE = {"flux1": 0.70, "sd3": 0.65, "flux2": 0.99}
 # FLUX.2-dev (measured 1.000: the Klein block layout) and Z-Image (measured 0.980: every attention and SwiGLU
 # projection of the main and refiner blocks; the adaLN modulation linears are left out; diffusers'
 # train_dreambooth_lora_z_image.py defaults, the attention only, give 0.327)
-FAMILIES += ("flux2-dev", "zimage")
-MIN_COVERAGE.update({"flux2-dev": 0.99, "zimage": 0.97})
+FAMILIES += ("flux2-dev", "z-image")
+MIN_COVERAGE.update({"flux2-dev": 0.99, "z-image": 0.97})
 #: architecture files of the families the memory planner does not map yet (read here directly)
-SHIPPED = {"flux2-dev": "flux2-dev.json", "zimage": "z-image.json"}
+SHIPPED = {"flux2-dev": "flux2-dev.json", "z-image": "z-image.json"}
 BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|layers|noise_refiner|context_refiner)\.(\d+)\.")
 
 

@@ -36,12 +36,12 @@ PIPELINE_CLASSES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", 
 ADAPTERS = {"flux1": "flowbp_train.models.flux:FluxAdapter", "sd3": "flowbp_train.models.sd3:SD3Adapter",
             "flux2": "flowbp_train.models.flux2:Flux2Adapter"}
 # the families added later, one self-contained entry each
-FAMILIES += ("zimage",)
-PIPELINE_CLASSES["zimage"] = "ZImagePipeline"
-ADAPTERS["zimage"] = "flowbp_train.models.zimage:ZImageAdapter"
+FAMILIES += ("z-image",)
+PIPELINE_CLASSES["z-image"] = "ZImagePipeline"
+ADAPTERS["z-image"] = "flowbp_train.models.zimage:ZImageAdapter"
 #: per family: the tokenizers the folder loads with, the prompt length the adapter encodes to, the number
 #: of text encoders, the transformer class of a full fine-tuning export
-ADDED = {"zimage": ({"tokenizer": "Qwen2Tokenizer"}, 512, 1, "ZImageTransformer2DModel")}
+ADDED = {"z-image": ({"tokenizer": "Qwen2Tokenizer"}, 512, 1, "ZImageTransformer2DModel")}
 RANK, ALPHA = 4, 16  # lora_alpha != rank: the export must keep the scale alpha / r = 4
 EVAL_STEPS, SEED = 2, 0
 #: what makes a README command fit a CPU test: tiny sizes, fp32, the offline reward and prompts (added below)
