@@ -3,7 +3,8 @@
 Every component is the class the stock pipeline loads (``FluxPipeline``, ``StableDiffusion3Pipeline``,
 ``Flux2KleinPipeline``): real tokenizers (CLIP byte-level BPE, T5 unigram, Qwen2 byte-level BPE) trained
 here with the ``tokenizers`` library on a few sentences, real text encoders (CLIP, T5, Qwen3) at tiny
-widths, the transformer and VAE of each family, saved with ``save_pretrained``. A tiny CLIP folder
+widths, the transformer and VAE of each family, saved with ``save_pretrained``; the later families
+(Z-Image: Qwen3; FLUX.2-dev: Mistral3 with a Mistral-format BPE) follow the same pattern. A tiny CLIP folder
 (model + tokenizer + image processor) serves the ``pickscore`` reward offline. No hub access anywhere.
 """
 
