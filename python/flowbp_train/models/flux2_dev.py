@@ -11,7 +11,10 @@ pipeline's own ``encode_prompt`` (its system message, hidden states of Mistral l
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -36,6 +39,21 @@ class Flux2DevAdapter(Flux2Adapter):
     # targets are shared (tests/train/models/test_lora_targets.py checks them on the published config).
     default_guidance = 4.0
     two_branch_cfg = False  # guidance is an input of the guidance-distilled transformer
+
+    @classmethod
+    def check_files(cls, pretrained_model_name_or_path: str, **kw) -> Path | None:
+        """The base checks, then: a folder whose tokenizer is the published ``PixtralProcessor`` needs
+        torchvision (transformers refuses to build that class without it), said before anything loads."""
+        folder = super().check_files(pretrained_model_name_or_path, **kw)
+        if folder is None:
+            return None
+        entry = json.loads((Path(folder) / "model_index.json").read_text()).get("tokenizer")
+        if (isinstance(entry, list) and "PixtralProcessor" in entry
+                and importlib.util.find_spec("torchvision") is None):
+            key = kw.get("key", "pretrained_model_name_or_path")
+            raise ValueError(f"{key}: {folder} names a PixtralProcessor tokenizer, which needs torchvision "
+                             "(pip install torchvision matching your torch)")
+        return folder
 
     @staticmethod
     def _pipeline_cls() -> type:
