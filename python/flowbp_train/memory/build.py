@@ -129,6 +129,9 @@ def component_specs(family: str, pretrained: str | None) -> dict:
             if "hidden_states_layers" in shipped.get("text_encoders", {}).get(name, {}):
                 enc["hidden_states_layers"] = shipped["text_encoders"][name]["hidden_states_layers"]
         spec.setdefault("text_len", shipped.get("text_len"))
+        if "prompt_outputs" in shipped:  # what the family's encode_prompt returns, in config terms
+            spec.setdefault("prompt_outputs", shipped["prompt_outputs"])
+            spec.setdefault("pipeline", shipped.get("pipeline"))
         return spec
     spec = load_architecture(family)
     spec["source"] = f"published architecture ({FAMILY_FILES[family]})"
@@ -178,7 +181,7 @@ def pipeline_encoder(family: str, spec: dict, encoders: dict[str, torch.nn.Modul
     adapter keeps its prompt cache on the CPU, and on a GPU the device output is freed once copied (the
     device peak is the same, no device allocation happens in between)."""
     tl = spec.get("text_len") or 512
-    joint = transformer_config.joint_attention_dim
+    joint = getattr(transformer_config, "joint_attention_dim", None)  # the stand-in families' text width
     pooled_dim = getattr(transformer_config, "pooled_projection_dim", None)
 
     def ids(name: str, b: int) -> torch.Tensor:
@@ -229,7 +232,11 @@ def pipeline_encoder(family: str, spec: dict, encoders: dict[str, torch.nn.Modul
         """A family without a stand-in: the outputs its architecture file declares, ``null`` or a shape
         whose ``"batch"`` / ``"max_sequence_length"`` entries are filled in (random embeddings)."""
         sizes = {"batch": len(prompts), "max_sequence_length": max_sequence_length or tl}
-        return tuple(None if shape is None else torch.randn(*[sizes.get(d, d) for d in shape])
+
+        def size(d):  # an int, "batch", "max_sequence_length" or a key of the transformer's config
+            return d if isinstance(d, int) else sizes[d] if d in sizes else int(getattr(transformer_config, d))
+
+        return tuple(None if shape is None else torch.randn(*[size(d) for d in shape])
                      for shape in spec["prompt_outputs"])
 
     def encode_prompt(prompt, *_args, **_kw):
@@ -313,10 +320,10 @@ def check_spec(family: str, spec: dict) -> None:
     if not isinstance(spec.get("pipeline"), str):
         raise ValueError(f"family: {where} must name its diffusers pipeline class (key 'pipeline')")
     if not (isinstance(outs, list) and outs and all(
-            o is None or (isinstance(o, list) and all(isinstance(d, int) or d in ("batch", "max_sequence_length")
-                                                       for d in o)) for o in outs)):
+            o is None or (isinstance(o, list) and all(isinstance(d, (int, str)) for d in o)) for o in outs)):
         raise ValueError(f"family: {where} must declare prompt_outputs, the shapes its pipeline's encode_prompt "
-                         f"returns (a list of null or [\"batch\", length or \"max_sequence_length\", width])")
+                         f"returns (a list of null or [\"batch\", length or \"max_sequence_length\", width or "
+                         f"a key of the transformer's config])")
 
 
 def _generic_adapter(family, spec, transformer, vae, scheduler, encoders, kw):

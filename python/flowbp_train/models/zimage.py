@@ -68,6 +68,7 @@ class ZImageAdapter(FlowAdapter):
         self._init_packed(pipeline, type(self).pipeline_class or _zimage_pipeline_class(), resolution=resolution,
                           guidance_scale=guidance_scale, device=device, dtype=dtype,
                           max_sequence_length=max_sequence_length, prompt_encoder=prompt_encoder)
+        self._caption_len: dict[str, int] = {}  # prompt -> its caption's length (tokens), set by _encode
         self.side = resolution // self.vae_scale_factor  # latent side (the transformer patchifies 2x2)
         self.channels = self.transformer.config.in_channels
         place_module(self.transformer, self.device, self.dtype)
@@ -86,6 +87,7 @@ class ZImageAdapter(FlowAdapter):
         if self.prompt_encoder is not None:
             out = dict(self.prompt_encoder(prompts))
             out.setdefault("attention_mask", torch.ones(out["encoder_hidden_states"].shape[:2], dtype=torch.bool))
+            self._caption_len.update(zip(prompts, out["attention_mask"].sum(1).tolist()))
             return out
         # a copy: the pipeline rewrites the list's items with the chat template in place
         embs, _ = self.pipeline.encode_prompt(prompt=list(prompts), device=self.device,
@@ -96,6 +98,9 @@ class ZImageAdapter(FlowAdapter):
         mask = torch.zeros(len(embs), length, dtype=torch.bool, device=out.device)
         for i, e in enumerate(embs):
             out[i, : len(e)], mask[i, : len(e)] = e, True
+        # each caption's length as a number (shapes, known without reading data): the velocity cuts the
+        # padding off by it rather than by the mask's values (which a shape-only simulation cannot read)
+        self._caption_len.update((p, len(e)) for p, e in zip(prompts, embs))
         return {"encoder_hidden_states": out, "attention_mask": mask}
 
     def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
@@ -134,12 +139,14 @@ class ZImageAdapter(FlowAdapter):
     def velocity_fn(self, batch: PromptBatch, sigmas: torch.Tensor, *, grad_negative: bool = False) -> VelocityFn:
         sig = [float(s) for s in torch.as_tensor(sigmas).tolist()]
 
-        def captions(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        def captions(tensors: dict[str, torch.Tensor], prompts: list[str]) -> list[torch.Tensor]:
             emb = tensors["encoder_hidden_states"].to(self.device, self.dtype)
+            if all(p in self._caption_len for p in prompts):  # the padding is a suffix (see _encode)
+                return [e[: self._caption_len[p]] for e, p in zip(emb, prompts)]
             return [e[m] for e, m in zip(emb, tensors["attention_mask"].to(self.device).bool())]
 
-        cond = captions(batch.tensors)
-        negative = captions(batch.negative) if batch.negative is not None else None
+        cond = captions(batch.tensors, batch.prompts)
+        negative = captions(batch.negative, [""] * len(batch)) if batch.negative is not None else None
 
         def forward(x: torch.Tensor, sigma: float, caps: list[torch.Tensor]) -> torch.Tensor:
             t = torch.full((x.shape[0],), 1.0 - sigma, device=x.device, dtype=self.dtype)  # the model's time
