@@ -81,8 +81,7 @@ def test_recipes_resolve_as_recorded():
     from helpers.recipes import FIXTURE, resolve_all
 
     recorded, now = json.loads(FIXTURE.read_text()), resolve_all()
-    # the 36 recipes recorded from main before the bases, and each later family's recipes as they were added
-    # (sd3-large and qwen-image: 18); every recipe must be recorded
+    # the 36 recipes of main before issue 14, then each family's nine as it was added
     assert len(recorded) >= 36 and set(recorded) == set(now), sorted(set(recorded) ^ set(now))
     for name, want in recorded.items():
         got = dict(now[name])

@@ -147,7 +147,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert any(not torch.equal(loaded[n], p) for n, p in lora_params(trainer.adapter.transformer).items())
 
 
-@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2"])
+@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "z-image"])
 def test_saved_lora_loads_in_the_pipeline_at_its_trained_scale(tmp_path, family):
     """rank 4 with lora_alpha 16 (scale 4): the final export (EMA weights) loads with the stock pipeline's
     load_lora_weights and reproduces the trained velocity; a checkpoint holds the raw and the EMA LoRA,
@@ -263,6 +263,22 @@ def test_full_finetuning_and_bf16_of_the_new_families(tmp_path, family):
     assert all(p.requires_grad for p in params) and records[-1]["grad_norm"] > 0
     assert all(not p.requires_grad for m in trainer.adapter.frozen_modules() for p in m.parameters())
     trainer, records, before = run_steps(tmp_path / "bf16", family, "flowbp-lagrange", "streaming",
+                                         mixed_precision="bf16", adapter_kw={"dtype": torch.bfloat16})
+    assert trainer.adapter.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in lora_params(trainer.adapter.transformer).values())
+    check_trained(trainer, records, before)
+
+
+@pytest.mark.parametrize("family", ["flux2-dev", "z-image"])
+def test_every_method_trains_the_added_families(tmp_path, family):
+    """FLUX.2-dev and Z-Image: each method with both executors (one step each: a step runs the method's
+    whole plan), LoRA in fp32; then full fine-tuning and a bf16 transformer with fp32 LoRA weights."""
+    for method in METHODS:
+        for executor in ("streaming", "retain"):
+            check_trained(*run_steps(tmp_path / f"{method}-{executor}", family, method, executor, steps=1))
+    trainer, records, _ = run_steps(tmp_path / "ft", family, "flowbp-lagrange", "streaming", steps=1, rank=0)
+    assert all(p.requires_grad for p in trainer.adapter.transformer.parameters()) and records[-1]["grad_norm"] > 0
+    trainer, records, before = run_steps(tmp_path / "bf16", family, "flowbp-lagrange", "streaming", steps=1,
                                          mixed_precision="bf16", adapter_kw={"dtype": torch.bfloat16})
     assert trainer.adapter.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in lora_params(trainer.adapter.transformer).values())

@@ -23,6 +23,8 @@ ADAPTERS: dict[str, str | Callable[..., FlowAdapter]] = {
     "sd3-large": "flowbp_train.models.sd3:SD35LargeAdapter",
     "qwen-image": "flowbp_train.models.qwen_image:QwenImageAdapter",
 }
+ADAPTERS["flux2-dev"] = "flowbp_train.models.flux2_dev:Flux2DevAdapter"
+ADAPTERS["z-image"] = "flowbp_train.models.zimage:ZImageAdapter"
 
 
 def register_adapter(family: str, adapter: str | type | Callable[..., FlowAdapter]) -> None:

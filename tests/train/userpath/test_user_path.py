@@ -35,11 +35,25 @@ FAMILIES = ("flux1", "sd3", "flux2", "sd3-large", "qwen-image")
 PIPELINE_CLASSES = dict(tf.PIPELINES)
 ADAPTERS = {"flux1": "flowbp_train.models.flux:FluxAdapter", "sd3": "flowbp_train.models.sd3:SD3Adapter",
             "flux2": "flowbp_train.models.flux2:Flux2Adapter"}
+# the families added later, one self-contained entry each
+FAMILIES += ("z-image",)
+PIPELINE_CLASSES["z-image"] = "ZImagePipeline"
+ADAPTERS["z-image"] = "flowbp_train.models.zimage:ZImageAdapter"
+#: per family: the tokenizers the folder loads with, the prompt length the adapter encodes to, the number
+#: of text encoders, the transformer class of a full fine-tuning export
+ADDED = {"z-image": ({"tokenizer": "Qwen2Tokenizer"}, 512, 1, "ZImageTransformer2DModel")}
+# FLUX.2-dev: Mistral3 text encoder; the folder's tokenizer is the fast tokenizer inside the published
+# PixtralProcessor (tests/helpers/folders.py says why; test_pixtral_processor_encodes_as_the_folder checks it)
+FAMILIES += ("flux2-dev",)
+PIPELINE_CLASSES["flux2-dev"] = "Flux2Pipeline"
+ADAPTERS["flux2-dev"] = "flowbp_train.models.flux2_dev:Flux2DevAdapter"
+ADDED["flux2-dev"] = ({"tokenizer": "PreTrainedTokenizerFast"}, 512, 1, "Flux2Transformer2DModel")
+# SD3.5-Large (the SD3 folder with its block layout) and Qwen-Image (length None: each prompt's own)
 ADAPTERS.update({"sd3-large": "flowbp_train.models.sd3:SD35LargeAdapter",
                  "qwen-image": "flowbp_train.models.qwen_image:QwenImageAdapter"})
-#: the diffusers class of each family's transformer (what a full fine-tuning run saves)
-TRANSFORMERS = {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel", "flux2": "Flux2Transformer2DModel"}
-TRANSFORMERS.update({"sd3-large": "SD3Transformer2DModel", "qwen-image": "QwenImageTransformer2DModel"})
+ADDED["sd3-large"] = ({"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5Tokenizer"},
+                      tf.CLIP_MAX_TOKENS + 512, 3, "SD3Transformer2DModel")
+ADDED["qwen-image"] = ({"tokenizer": "Qwen2Tokenizer"}, None, 1, "QwenImageTransformer2DModel")
 #: families whose CLI full fine-tuning is the code path of another family here (SD3.5-Large runs the SD3 adapter;
 #: its full fine-tuning is tested in-process, tests/train/test_training.py): one CLI process less in CI
 FULL_CHAIN = tuple(f for f in FAMILIES if f != "sd3-large")
@@ -208,6 +222,14 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _tokenizer_class_name(name: str) -> str:
+    """The class a tokenizer named ``name`` is in the installed transformers (5.x renamed the generic fast
+    tokenizer ``PreTrainedTokenizerFast`` to ``TokenizersBackend`` and kept the old name as an alias)."""
+    import transformers
+
+    return getattr(transformers, name).__name__
+
+
 def _cls(path: str):
     import importlib
 
@@ -254,10 +276,8 @@ def test_the_folder_loads_in_the_stock_pipeline_with_real_tokenizers(folders, fa
              if getattr(pipe, n, None) is not None}
     want = {"flux1": {"tokenizer": "CLIPTokenizer", "tokenizer_2": "T5Tokenizer"},
             "sd3": {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5Tokenizer"},
-            "flux2": {"tokenizer": "Qwen2Tokenizer"}, "qwen-image": {"tokenizer": "Qwen2Tokenizer"}}
-    want["sd3-large"] = want["sd3"]
-    want = want[family]
-    assert names == want
+            "flux2": {"tokenizer": "Qwen2Tokenizer"}, **{f: a[0] for f, a in ADDED.items()}}[family]
+    assert names == {n: _tokenizer_class_name(c) for n, c in want.items()}
     for n in names:  # every piece of a prompt is in the trained vocabulary
         tok = getattr(pipe, n)
         pieces = tok.tokenize(tf.PROMPTS[0])
@@ -276,15 +296,18 @@ def test_text_encoders_encode_in_the_model_dtype_at_the_family_length(folders, f
     ad = _cls(ADAPTERS[family])(pipe, resolution=tf.RESOLUTION, device="cpu", dtype=torch.bfloat16)
     assert ad.max_sequence_length == 512
     batch = ad.encode_prompts(tf.PROMPTS[:2])
-    length = {"flux1": 512, "sd3": tf.CLIP_MAX_TOKENS + 512, "flux2": 512, "sd3-large": tf.CLIP_MAX_TOKENS + 512}
-    if family == "qwen-image":  # the longest prompt's tokens after the template prefix
-        length[family] = int(batch.tensors["encoder_hidden_states_mask"].sum(dim=1).max())
-        assert 0 < length[family] <= 512
-    assert batch.tensors["encoder_hidden_states"].shape[:2] == (2, length[family])
+    length = {"flux1": 512, "sd3": tf.CLIP_MAX_TOKENS + 512, "flux2": 512,
+              **{f: a[1] for f, a in ADDED.items()}}[family]
+    if length is None:  # Qwen-Image: the longest prompt's tokens after the template prefix
+        length = int(batch.tensors["encoder_hidden_states_mask"].sum(dim=1).max())
+        assert 0 < length <= 512
+    assert batch.tensors["encoder_hidden_states"].shape[:2] == (2, length)
     encoders = ad.text_encoders()
-    assert len(encoders) == {"flux1": 2, "sd3": 3, "flux2": 1, "sd3-large": 3, "qwen-image": 1}[family]
+    assert len(encoders) == {"flux1": 2, "sd3": 3, "flux2": 1, **{f: a[2] for f, a in ADDED.items()}}[family]
     assert all(p.dtype == torch.bfloat16 for e in encoders for p in e.parameters())
-    assert ad.encoded_prompts == 2 + (family != "flux1") and ad.encode_seconds > 0  # + the empty negative
+    negative = ad.uses_cfg if family in ADDED else family != "flux1"
+    assert ad.encoded_prompts == 2 + negative
+    assert ad.encode_seconds > 0  # + the empty negative where CFG runs
     ad.offload_text_encoders()
     assert all(p.device.type == "cpu" for e in encoders for p in e.parameters())
 
@@ -345,7 +368,8 @@ def test_full_finetuning_writes_a_loadable_transformer(runs, family):
 
     r = runs[family]
     _ok(r["train_full"])
-    cls = getattr(diffusers, TRANSFORMERS[family])
+    cls = getattr(diffusers, {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
+                              "flux2": "Flux2Transformer2DModel", **{f: a[3] for f, a in ADDED.items()}}[family])
     tr = cls.from_pretrained(str(r["full"] / "transformer"))
     assert sum(p.numel() for p in tr.parameters()) > 0
     log = [json.loads(x) for x in (r["full"] / "logs" / "train_log.jsonl").read_text().splitlines()]
@@ -481,3 +505,35 @@ def test_qwen_image_prompts_encoded_apart_batch_as_the_pipeline_encodes_them_tog
     # fp32; the text encoder ran on other batch shapes (its kernels may block the sums differently)
     assert torch.allclose(got["encoder_hidden_states"], emb, atol=1e-5, rtol=1e-5)
     assert bool(ad.encode_prompts([tf.PROMPTS[0]] * 2).tensors["encoder_hidden_states_mask"].all())
+
+
+def _torchvision_works() -> bool:
+    """``PixtralProcessor`` requires torchvision; a wheel built for another torch imports but lacks its ops."""
+    try:
+        import torchvision  # noqa: F401
+        from torchvision.transforms import v2  # noqa: F401
+    except Exception:  # noqa: BLE001 (any failure: a torchvision that does not work with this torch)
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchvision_works(), reason="PixtralProcessor needs a working torchvision")
+def test_pixtral_processor_encodes_as_the_folder(folders):
+    """FLUX.2-dev's published ``tokenizer/`` is a ``PixtralProcessor``: around the folder's tokenizer, saved
+    and loaded with ``AutoProcessor``, it gives ``Flux2Pipeline`` the same token ids and mask for the
+    pipeline's own messages, so the folder's prompt encoding is the published class's."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import AutoProcessor
+
+    pipe = _pipeline("flux2-dev", folders["flux2-dev"])
+    tf.pixtral_processor(pipe.tokenizer).save_pretrained(folders["flux2-dev"].parent / "pixtral")
+    proc = AutoProcessor.from_pretrained(str(folders["flux2-dev"].parent / "pixtral"))
+    assert type(proc).__name__ == "PixtralProcessor"
+    kw = dict(add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt",
+              padding="max_length", truncation=True, max_length=512)
+    messages = format_input(prompts=tf.PROMPTS[:2], system_message=SYSTEM_MESSAGE)
+    ours, theirs = pipe.tokenizer.apply_chat_template(messages, **kw), proc.apply_chat_template(messages, **kw)
+    for key in ("input_ids", "attention_mask"):  # integers: equal exactly
+        assert torch.equal(ours[key], theirs[key]), key
+    assert 0 < int(ours["attention_mask"][0].sum()) < 512  # the prompt and system message fit, then padding
