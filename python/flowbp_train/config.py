@@ -65,6 +65,8 @@ RESUME_FIXED_KEYS = ("family", "pretrained_model_name_or_path", "revision", "met
                      "lora_target_modules", "use_ema", "seed", "sampler_seed")
 #: The family's guidance when ``guidance_scale`` is left at None (REFERENCE.md section 1.5).
 DEFAULT_GUIDANCE = {"flux1": 4.0, "sd3": 3.5, "flux2": 4.0, "mini": 1.0}
+#: SD3.5-Large: CFG 3.5 (its model card); Qwen-Image: true_cfg_scale 4.0 (its model card and pipeline).
+DEFAULT_GUIDANCE.update({"sd3-large": 3.5, "qwen-image": 4.0})
 DEFAULT_GUIDANCE["flux2-dev"] = 4.0  # Flux2Pipeline's default embedded guidance
 DEFAULT_GUIDANCE["z-image"] = 5.0  # ZImagePipeline's default (its own scale: v_c + g (v_c - v_u))
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")

@@ -43,6 +43,12 @@ EVAL_PROTOCOL: dict[str, dict] = {
     "flux2": {"num_steps": 50, "guidance_scale": 4.0, "resolution": 512, "dtype": "bf16"},
     "mini": {"num_steps": 10, "guidance_scale": 1.0, "resolution": 16, "dtype": "fp32"},
 }
+#: families without the authors' protocol sample as their model cards do, at the recipes' 512 px:
+#: SD3.5-Large 28 steps at CFG 3.5, Qwen-Image 50 steps at true_cfg_scale 4.0
+EVAL_PROTOCOL.update({
+    "sd3-large": {"num_steps": 28, "guidance_scale": 3.5, "resolution": 512, "dtype": "bf16"},
+    "qwen-image": {"num_steps": 50, "guidance_scale": 4.0, "resolution": 512, "dtype": "bf16"},
+})
 #: FLUX.2-dev and Z-Image: their pipelines' own defaults (50 steps; embedded guidance 4.0, resp. Z-Image's CFG
 #: 5.0), at the 512 px the recipes train at (the FlowBP authors published no protocol for these models)
 EVAL_PROTOCOL["flux2-dev"] = {"num_steps": 50, "guidance_scale": 4.0, "resolution": 512, "dtype": "bf16"}

@@ -1,10 +1,11 @@
-"""Tiny but complete diffusers folders of the three families, built offline, as a user would have them.
+"""Tiny but complete diffusers folders of the diffusers families, built offline, as a user would have them.
 
 Every component is the class the stock pipeline loads (``FluxPipeline``, ``StableDiffusion3Pipeline``,
 ``Flux2KleinPipeline``): real tokenizers (CLIP byte-level BPE, T5 unigram, Qwen2 byte-level BPE) trained
 here with the ``tokenizers`` library on a few sentences, real text encoders (CLIP, T5, Qwen3) at tiny
 widths, the transformer and VAE of each family, saved with ``save_pretrained``; the later families
-(Z-Image: Qwen3; FLUX.2-dev: Mistral3 with a Mistral-format BPE) follow the same pattern. A tiny CLIP folder
+(Z-Image: Qwen3; FLUX.2-dev: Mistral3 with a Mistral-format BPE; SD3.5-Large: SD3's with its block layout;
+Qwen-Image: Qwen2.5-VL) follow the same pattern. A tiny CLIP folder
 (model + tokenizer + image processor) serves the ``pickscore`` reward offline. No hub access anywhere.
 """
 
@@ -30,6 +31,8 @@ QWEN_LAYERS = 27
 CLIP_MAX_TOKENS = 77  # the CLIP tokenizers' model_max_length (the pipelines pad CLIP prompts to it)
 #: the pipeline class each family's folder must load with
 PIPELINES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "flux2": "Flux2KleinPipeline"}
+PIPELINES.update({"sd3-large": "StableDiffusion3Pipeline", "qwen-image": "QwenImagePipeline"})
+QWEN_VL_HIDDEN = 16  # Qwen-Image reads the last hidden state of Qwen2.5-VL: the transformer's text width
 
 
 # ------------------------------------------------------------------------------------------ tokenizers
@@ -196,6 +199,39 @@ def flux2_pipeline(qwen_tok):
                               transformer=transformer, is_distilled=False)
 
 
+def sd3_large_pipeline(clip_tok, t5_tok):
+    """The SD3 folder with SD3.5-Large's block layout: QK RMS-norm and no MMDiT-X self-attention."""
+    pipe = sd3_pipeline(clip_tok, t5_tok)
+    from diffusers import SD3Transformer2DModel
+
+    pipe.register_modules(transformer=SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, caption_projection_dim=16, pooled_projection_dim=TEXT_DIM, out_channels=4,
+        pos_embed_max_size=8, qk_norm="rms_norm"))
+    return pipe
+
+
+def qwen_image_pipeline(qwen_tok):
+    """Qwen-Image: a tiny Qwen2.5-VL (text and vision towers, the pipeline uses the text one), the video VAE
+    and the transformer of tests/helpers/pipelines.py, Qwen-Image's scheduler settings."""
+    from diffusers import QwenImagePipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from helpers.pipelines import qwen_scheduler, qwen_transformer, qwen_vae
+
+    h = QWEN_VL_HIDDEN
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(qwen_tok), rope_theta=1e6,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                         pad_token_id=qwen_tok.pad_token_id, eos_token_id=qwen_tok.eos_token_id, bos_token_id=None),
+        vision_config=dict(depth=1, hidden_size=h, intermediate_size=h, num_heads=2, out_hidden_size=h),
+        vocab_size=len(qwen_tok), hidden_size=h)
+    encoder = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    return QwenImagePipeline(scheduler=qwen_scheduler(), vae=qwen_vae(), text_encoder=encoder, tokenizer=qwen_tok,
+                             transformer=qwen_transformer(h))
+
+
 def zimage_pipeline(qwen_tok):
     """Z-Image: a Qwen3 text encoder (second-to-last hidden state, QWEN_HIDDEN wide) and the Z-Image
     transformer on the FLUX.1-style VAE, static shift as the published scheduler."""
@@ -313,11 +349,14 @@ def reward_clip(clip_tok):
 def EXTRA_FAMILIES(clip_tok, t5_tok, qwen_tok) -> list:  # noqa: N802 (a table, built per call)
     """The families added after the first three, each one entry: (name, builder)."""
     return [("z-image", lambda: zimage_pipeline(qwen_tok)),
-            ("flux2-dev", lambda: flux2_dev_pipeline(mistral_tokenizer()))]
+            ("flux2-dev", lambda: flux2_dev_pipeline(mistral_tokenizer())),
+            ("sd3-large", lambda: sd3_large_pipeline(clip_tok, t5_tok)),
+            ("qwen-image", lambda: qwen_image_pipeline(qwen_tok))]
 
 
 def build_all(root: Path, seed: int = 0) -> dict[str, Path]:
-    """Write ``root/{flux1,sd3,flux2,clip}`` and ``root/prompts.txt``; returns the paths by name."""
+    """Write ``root/{flux1,sd3,flux2,sd3-large,qwen-image,clip}`` and ``root/prompts.txt``; returns the paths
+    by name."""
     from transformers import CLIPImageProcessor
 
     root = Path(root)

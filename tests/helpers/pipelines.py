@@ -102,6 +102,56 @@ def flux2_pipeline(seed: int = 0):
 PIPELINES = {"flux1": flux_pipeline, "sd3": sd3_pipeline, "flux2": flux2_pipeline}
 
 
+def sd3_large_pipeline(seed: int = 0):
+    """SD3.5-Large's layout at tiny width: QK RMS-norm, no MMDiT-X self-attention (the published config)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, caption_projection_dim=16, pooled_projection_dim=POOLED_DIM, out_channels=4,
+        pos_embed_max_size=8, qk_norm="rms_norm",
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=_scheduler(shift=3.0), vae=_vae_kl(), text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def qwen_vae():
+    """``AutoencoderKLQwenImage`` at tiny width: one spatial (and temporal) downsampling, so the pipeline's
+    ``vae_scale_factor`` is 2 as the VAE's; non-trivial latent statistics, so un-normalising is exercised."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                  latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.7, 1.0, 2.0])
+
+
+def qwen_transformer(text_dim: int = TEXT_DIM):
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=text_dim, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+
+
+def qwen_scheduler():
+    """Qwen-Image's published scheduler settings (dynamic exponential shift, terminal stretch to 0.02)."""
+    return _scheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                      max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+
+
+def qwen_image_pipeline(seed: int = 0):
+    from diffusers import QwenImagePipeline
+
+    torch.manual_seed(seed)
+    return QwenImagePipeline(scheduler=qwen_scheduler(), vae=qwen_vae(), text_encoder=None, tokenizer=None,
+                             transformer=qwen_transformer())
+
+
+PIPELINES["sd3-large"] = sd3_large_pipeline
+PIPELINES["qwen-image"] = qwen_image_pipeline
+
 def flux2_dev_pipeline(seed: int = 0):
     """FLUX.2-dev: the Klein components with the transformer's guidance embedding, in a ``Flux2Pipeline``."""
     from diffusers import Flux2Pipeline, Flux2Transformer2DModel
@@ -150,7 +200,7 @@ def tiny_adapter(family: str, seed: int = 0, **kw):
     cls = {"flux1": FluxAdapter, "sd3": SD3Adapter, "flux2": Flux2Adapter}.get(family) or adapter_class(family)
     pipe = PIPELINES[family](seed)
     kw.setdefault("resolution", RESOLUTION)
-    return cls(pipe, prompt_encoder=prompt_encoder(pooled=family in ("flux1", "sd3")), **kw)
+    return cls(pipe, prompt_encoder=prompt_encoder(pooled=family in ("flux1", "sd3", "sd3-large")), **kw)
 
 
 class PixelReward:

@@ -20,6 +20,8 @@ ADAPTERS: dict[str, str | Callable[..., FlowAdapter]] = {
     "sd3": "flowbp_train.models.sd3:SD3Adapter",
     "flux2": "flowbp_train.models.flux2:Flux2Adapter",
     "mini": "flowbp_train.models.mini:MiniAdapter",
+    "sd3-large": "flowbp_train.models.sd3:SD35LargeAdapter",
+    "qwen-image": "flowbp_train.models.qwen_image:QwenImageAdapter",
 }
 ADAPTERS["flux2-dev"] = "flowbp_train.models.flux2_dev:Flux2DevAdapter"
 ADAPTERS["z-image"] = "flowbp_train.models.zimage:ZImageAdapter"

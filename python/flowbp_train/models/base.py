@@ -38,7 +38,7 @@ class FlowAdapter(ABC):
     """Base class of the model adapters.
 
     Attributes:
-        family: ``"flux1"``, ``"sd3"``, ``"flux2"`` or ``"mini"``.
+        family: the registry name (``"flux1"``, ``"sd3"``, ``"flux2"``, ``"mini"``, ...).
         transformer: the velocity network (``nn.Module``) that is trained.
         default_lora_targets: LoRA target module names (suffixes, peft's matching) for this family;
             :meth:`lora_targets` adds the ones that must be named per block.
@@ -217,8 +217,12 @@ class FlowAdapter(ABC):
                 cache[p] = {k: v[q : q + 1].detach().to("cpu") for k, v in out.items()}
             self.encode_seconds += time.perf_counter() - t0
             self.encoded_prompts += len(missing)
-        keys = cache[prompts[0]].keys()
-        return {k: torch.cat([cache[p][k] for p in prompts]).to(self.device) for k in keys}
+        return {k: v.to(self.device) for k, v in self._gather_prompts([cache[p] for p in prompts]).items()}
+
+    def _gather_prompts(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One batch from the cached entries of its prompts (each ``[1, ...]``): concatenated. A family
+        whose embeddings vary in length (Qwen-Image) pads them here."""
+        return {k: torch.cat([e[k] for e in entries]) for k in entries[0]}
 
 
 def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -270,12 +274,15 @@ def guided_velocity(
     negative: dict[str, torch.Tensor] | None,
     guidance_scale: float,
     grad_negative: bool,
+    *,
+    norm_rescale: bool = False,
 ) -> torch.Tensor:
     """Two-branch classifier-free guidance ``v_neg + g (v_cond - v_neg)``.
 
     The negative branch runs under no_grad at the detached input unless ``grad_negative`` (the
     reference's ``cfg_detach_neg``); ``g <= 1`` (as the stock pipelines: guidance is on for ``g > 1``) or
-    no negative embeddings gives the conditional branch.
+    no negative embeddings gives the conditional branch. ``norm_rescale`` (QwenImagePipeline's true CFG)
+    scales the guided velocity of each token to the norm of the conditional one (norms over the last axis).
     """
     v_cond = forward(x, cond)
     if negative is None or guidance_scale <= 1.0:
@@ -285,7 +292,10 @@ def guided_velocity(
     else:
         with torch.no_grad():
             v_neg = forward(x.detach(), negative)
-    return v_neg + guidance_scale * (v_cond - v_neg)
+    guided = v_neg + guidance_scale * (v_cond - v_neg)
+    if norm_rescale:
+        guided = guided * (v_cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+    return guided
 
 
 def dtype_kwargs(dtype: torch.dtype) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 PIPELINE_FAMILIES = {"FluxPipeline": "flux1", "StableDiffusion3Pipeline": "sd3", "Flux2KleinPipeline": "flux2",
                      "Flux2Pipeline": "flux2-dev"}
 PIPELINE_FAMILIES["ZImagePipeline"] = "z-image"
+PIPELINE_FAMILIES["QwenImagePipeline"] = "qwen-image"
 #: components a pipeline cannot run without (others, e.g. SD3's T5, may be null in model_index.json)
 REQUIRED = ("transformer", "vae", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

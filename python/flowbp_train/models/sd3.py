@@ -1,4 +1,4 @@
-"""SD3.5-Medium adapter (``StableDiffusion3Pipeline``, ``SD3Transformer2DModel``).
+"""SD3.5-Medium and SD3.5-Large adapters (``StableDiffusion3Pipeline``, ``SD3Transformer2DModel``).
 
 Two-branch CFG ``v_neg + g (v_cond - v_neg)`` (default g = 3.5) with the empty prompt as the negative
 branch, run without gradient unless ``grad_negative``; static shift 3.0; timestep = 1000 sigma
@@ -162,3 +162,16 @@ class SD3Adapter(FlowAdapter):
         z = latents / cfg.scaling_factor + (cfg.shift_factor or 0.0)
         img = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
         return (img.float() * 0.5 + 0.5).clamp(0, 1)
+
+
+class SD35LargeAdapter(SD3Adapter):
+    """SD3.5-Large (``family: sd3-large``): the same pipeline, transformer class, guidance, schedule, prompt
+    encoding and decoding as SD3.5-Medium, so the SD3 adapter runs unchanged; the published transformer
+    has 38 blocks of width 2432 and no MMDiT-X self-attention. A family of its own gives it its recipes,
+    its published architecture (memory/architectures/sd3.5-large.json) and its LoRA coverage test."""
+
+    family = "sd3-large"
+    # The SD3 targets without the ``attn2`` projections, which no SD3.5-Large block has: every attention and
+    # feed-forward projection of every block, 67% of the published blocks' linear weights (diffusers' example
+    # defaults, the joint attention: 22%; tests/train/models/test_lora_targets.py).
+    default_lora_targets = tuple(t for t in SD3Adapter.default_lora_targets if not t.startswith("attn2."))

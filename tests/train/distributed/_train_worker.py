@@ -5,7 +5,8 @@ ranks, and 2 resumed steps (losses must be identical); and the final LoRA gather
 loaded by a plain diffusers pipeline with ``load_lora_weights``, must reproduce the trained model.
 Then a pickle planted in each file of the FSDP2 checkpoint in turn (with the manifest as written, and
 rewritten to vouch for the file): every resume must stop on both ranks with one line naming the file,
-and the pickle must never run.
+and the pickle must never run. Two FSDP2 LoRA steps of SD3.5-Large and Qwen-Image record their sharded
+block classes.
 """
 
 import json
@@ -81,10 +82,33 @@ def main(root):
     res["bf16_fsdp2"] = {"losses": losses, "lora_dtypes": sorted({str(p.dtype) for p in t.params}),
                          "base_dtypes": sorted({str(p.dtype) for p in t.adapter.transformer.parameters()
                                                 if not p.requires_grad})}
+    res["fsdp2_families"] = fsdp2_families(root)
     res["pickles"] = plant_pickles(root, r)
     with open(os.path.join(root, f"rank{r}.json"), "w") as f:
         json.dump(res, f, indent=1)
     dist.destroy_process_group()
+
+
+def fsdp2_families(root):
+    """Two FSDP2 LoRA steps of each further family: which block classes were sharded, the losses, and
+    whether the (gathered) LoRA weights moved."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = {}
+    for family in ("sd3-large", "qwen-image"):
+        cfg = config(os.path.join(root, f"fsdp2-{family}"), "fsdp2", family=family, max_train_steps=2,
+                     checkpointing_steps=100, method="flowbp-lagrange", method_options={})
+        t = Trainer(cfg, adapter=tiny_adapter(family), reward=PixelReward())
+        before = {n: p.full_tensor().clone() for n, p in t.adapter.transformer.named_parameters() if "lora" in n}
+        losses = t.train().losses
+        after = {n: p.full_tensor() for n, p in t.adapter.transformer.named_parameters() if "lora" in n}
+        blocks = t.adapter.transformer.transformer_blocks
+        out[family] = {"losses": losses, "root_sharded": isinstance(t.model, FSDPModule),
+                       "blocks": len(blocks), "sharded": sorted({type(b).__name__ for b in blocks
+                                                                  if isinstance(b, FSDPModule)}),
+                       "sharded_count": sum(isinstance(b, FSDPModule) for b in blocks),
+                       "lora_moved": bool(before) and any(not torch.equal(before[n], after[n]) for n in before)}
+    return out
 
 
 class Plant:

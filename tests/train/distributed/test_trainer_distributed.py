@@ -1,6 +1,7 @@
 """The Trainer under torchrun with 2 CPU ranks (gloo), DDP and FSDP2, LoRA and EMA: resuming a
 2-rank checkpoint with 2 ranks gives the uninterrupted losses; the LoRA exported from the ranks loads
-into a plain diffusers pipeline and reproduces the trained transformer; a pickle planted in any file of
+into a plain diffusers pipeline and reproduces the trained transformer; FSDP2 shards every block of the
+SD3.5-Large and Qwen-Image transformers and trains their LoRA; a pickle planted in any file of
 the 2-rank checkpoint never runs and stops the resume on both ranks with one line naming the file."""
 
 import json
@@ -56,6 +57,16 @@ def test_fsdp2_bf16_base_with_fp32_lora(results):
     rec = results["bf16_fsdp2"]
     assert rec["lora_dtypes"] == ["torch.float32"] and rec["base_dtypes"] == ["torch.bfloat16"]
     assert len(rec["losses"]) == 2 and all(v is not None and abs(v) < 1e3 for v in rec["losses"])
+
+
+@pytest.mark.parametrize("family, block", [("sd3-large", "JointTransformerBlock"),
+                                           ("qwen-image", "QwenImageTransformerBlock")])
+def test_fsdp2_shards_the_block_classes_of_the_further_families(results, family, block):
+    rec = results["fsdp2_families"][family]
+    # fully_shard swaps each sharded module's class for a subclass named FSDP<class>
+    assert rec["root_sharded"] and rec["sharded"] == [f"FSDP{block}"] and rec["sharded_count"] == rec["blocks"] > 0
+    assert len(rec["losses"]) == 2 and all(v is not None and abs(v) < 1e3 for v in rec["losses"])
+    assert rec["lora_moved"]
 
 
 def test_planted_pickles_never_run_with_two_ranks(results):

@@ -25,7 +25,13 @@ def _pipeline_image(ad, batch, noise):
     t = batch.tensors
     if fam == "flux1":
         out = pipe(prompt_embeds=t["encoder_hidden_states"], pooled_prompt_embeds=t["pooled_projections"], **common)
-    elif fam == "sd3":
+    elif fam == "qwen-image":  # true CFG with the adapter's negative prompt embeddings and masks
+        n = batch.negative
+        out = pipe(prompt_embeds=t["encoder_hidden_states"], prompt_embeds_mask=t["encoder_hidden_states_mask"],
+                   negative_prompt_embeds=n["encoder_hidden_states"],
+                   negative_prompt_embeds_mask=n["encoder_hidden_states_mask"], true_cfg_scale=ad.guidance_scale,
+                   **{**common, "guidance_scale": None})
+    elif fam in ("sd3", "sd3-large"):
         out = pipe(prompt_embeds=t["encoder_hidden_states"], pooled_prompt_embeds=t["pooled_projections"],
                    negative_prompt_embeds=batch.negative["encoder_hidden_states"],
                    negative_pooled_prompt_embeds=batch.negative["pooled_projections"],
@@ -52,7 +58,7 @@ def _zimage_pipeline_call(pipe, batch, common):
     return pipe(prompt_embeds=unpadded(batch.tensors), negative_prompt_embeds=unpadded(batch.negative), **common)
 
 
-@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "z-image"])
+@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "z-image", "sd3-large", "qwen-image"])
 def test_rollout_and_decode_match_the_diffusers_pipeline(family):
     ad = tiny_adapter(family)
     batch = ad.encode_prompts(["a cat", "a red bus"])
@@ -148,6 +154,43 @@ def test_flux2_follows_the_pipeline_is_distilled(distilled):
                height=RESOLUTION, width=RESOLUTION, guidance_scale=4.0,
                latents=noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone(), **neg).images
     assert torch.allclose(ours, torch.from_numpy(ref).permute(0, 3, 1, 2), atol=2e-5)
+
+
+def test_qwen_image_true_cfg_rescales_to_the_conditional_norm_and_detaches_the_negative():
+    """Qwen-Image's guided velocity is ``c * |v_cond| / |c|`` per token, ``c = v_neg + g (v_cond - v_neg)``
+    (QwenImagePipeline's true CFG); its gradient flows through the conditional branch only unless
+    ``grad_negative``; the schedule is the scheduler's (dynamic shift, then the terminal stretch)."""
+    ad = tiny_adapter("qwen-image")
+    batch = ad.encode_prompts(["a cat", "a red bus"])
+    assert batch.negative is not None and ad.guidance_scale == 4.0 and ad.negative_prompt == " "
+    sig = ad.sigmas(N)
+    sched = ad.pipeline.scheduler
+    mu = ad.pipeline.scheduler.config  # the pipeline's mu for this sequence length, computed here in float64
+    mu = mu.base_shift + (mu.max_shift - mu.base_shift) * (ad.side ** 2 - mu.base_image_seq_len) / (
+        mu.max_image_seq_len - mu.base_image_seq_len)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N).tolist(), mu=mu)
+    assert torch.allclose(sched.sigmas.double(), sig, atol=1e-6) and float(sig[N - 1]) == pytest.approx(0.02)
+    x = ad.initial_noise(2, generator=torch.Generator().manual_seed(0))
+    params = list(ad.transformer.parameters())
+
+    def branch(tensors, z):
+        return ad.velocity_fn(type(batch)(batch.prompts, tensors, None), sig)(z, 1)
+
+    v = ad.velocity_fn(batch, sig)(x, 1)
+    v_cond, v_neg = branch(batch.tensors, x), branch(batch.negative, x).detach()
+    c = v_neg + ad.guidance_scale * (v_cond - v_neg)
+    want = c * (v_cond.norm(dim=-1, keepdim=True) / c.norm(dim=-1, keepdim=True))
+    assert torch.allclose(v, want, atol=1e-6)  # fp32, the same operations on the same inputs
+    got = torch.autograd.grad(v.square().sum(), params, allow_unused=True)
+    ref = torch.autograd.grad(want.square().sum(), params, allow_unused=True)
+    for a, b in zip(got, ref):
+        if b is not None:
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    full = torch.autograd.grad(ad.velocity_fn(batch, sig, grad_negative=True)(x, 1).square().sum(), params,
+                               allow_unused=True)
+    assert any(not torch.allclose(a, b) for a, b in zip(got, full) if a is not None and b is not None)
+    with pytest.raises(ValueError, match=r"max_sequence_length must be in \[1, 1024\]"):
+        tiny_adapter("qwen-image", max_sequence_length=2048)  # the pipeline's own limit
 
 
 @pytest.mark.parametrize("family", ["flux2-dev", "z-image"])

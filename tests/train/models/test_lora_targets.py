@@ -12,18 +12,22 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-FAMILIES = ("flux1", "sd3", "flux2")
+FAMILIES = ("flux1", "sd3", "flux2", "sd3-large", "qwen-image")
 #: lower bounds on the share of the blocks' linear weight elements under a LoRA (measured: FLUX.1-dev 0.727,
 #: SD3.5-Medium 0.657, FLUX.2-Klein-base-9B 1.000; what is left out is the adaLN modulation linears of the
 #: FLUX.1 and SD3 blocks; diffusers' example defaults give 0.455, 0.203 and 0.062)
 MIN_COVERAGE = {"flux1": 0.70, "sd3": 0.65, "flux2": 0.99}
+#: measured: SD3.5-Large 0.666 (diffusers' example defaults, the joint attention: 0.224), Qwen-Image 0.667 (the
+#: example's image-stream attention: 0.111); what is left out is the blocks' adaLN modulation linears
+MIN_COVERAGE.update({"sd3-large": 0.65, "qwen-image": 0.65})
 # FLUX.2-dev (measured 1.000: the Klein block layout) and Z-Image (measured 0.980: every attention and SwiGLU
 # projection of the main and refiner blocks; the adaLN modulation linears are left out; diffusers'
 # train_dreambooth_lora_z_image.py defaults, the attention only, give 0.327)
 FAMILIES += ("flux2-dev", "z-image")
 MIN_COVERAGE.update({"flux2-dev": 0.99, "z-image": 0.97})
 #: architecture files of the families the memory planner does not map yet (read here directly)
-SHIPPED = {"flux2-dev": "flux2-dev.json", "z-image": "z-image.json"}
+SHIPPED = {"flux2-dev": "flux2-dev.json", "z-image": "z-image.json", "sd3-large": "sd3.5-large.json",
+           "qwen-image": "qwen-image.json"}
 BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|layers|noise_refiner|context_refiner)\.(\d+)\.")
 
 

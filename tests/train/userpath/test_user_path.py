@@ -31,8 +31,8 @@ from helpers import ROOT
 from helpers import folders as tf
 
 README = ROOT / "README.md"
-FAMILIES = ("flux1", "sd3", "flux2")
-PIPELINE_CLASSES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "flux2": "Flux2KleinPipeline"}
+FAMILIES = ("flux1", "sd3", "flux2", "sd3-large", "qwen-image")
+PIPELINE_CLASSES = dict(tf.PIPELINES)
 ADAPTERS = {"flux1": "flowbp_train.models.flux:FluxAdapter", "sd3": "flowbp_train.models.sd3:SD3Adapter",
             "flux2": "flowbp_train.models.flux2:Flux2Adapter"}
 # the families added later, one self-contained entry each
@@ -48,6 +48,15 @@ FAMILIES += ("flux2-dev",)
 PIPELINE_CLASSES["flux2-dev"] = "Flux2Pipeline"
 ADAPTERS["flux2-dev"] = "flowbp_train.models.flux2_dev:Flux2DevAdapter"
 ADDED["flux2-dev"] = ({"tokenizer": "PreTrainedTokenizerFast"}, 512, 1, "Flux2Transformer2DModel")
+# SD3.5-Large (the SD3 folder with its block layout) and Qwen-Image (length None: each prompt's own)
+ADAPTERS.update({"sd3-large": "flowbp_train.models.sd3:SD35LargeAdapter",
+                 "qwen-image": "flowbp_train.models.qwen_image:QwenImageAdapter"})
+ADDED["sd3-large"] = ({"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5Tokenizer"},
+                      tf.CLIP_MAX_TOKENS + 512, 3, "SD3Transformer2DModel")
+ADDED["qwen-image"] = ({"tokenizer": "Qwen2Tokenizer"}, None, 1, "QwenImageTransformer2DModel")
+#: families whose CLI full fine-tuning is the code path of another family here (SD3.5-Large runs the SD3 adapter;
+#: its full fine-tuning is tested in-process, tests/train/test_training.py): one CLI process less in CI
+FULL_CHAIN = tuple(f for f in FAMILIES if f != "sd3-large")
 RANK, ALPHA = 4, 16  # lora_alpha != rank: the export must keep the scale alpha / r = 4
 EVAL_STEPS, SEED = 2, 0
 #: what makes a README command fit a CPU test: tiny sizes, fp32, the offline reward and prompts (added below)
@@ -197,9 +206,9 @@ def runs(folders, tmp_path_factory):
         out[f] = {"log": [], "lora": d / "lora", "resumed": d / "resumed", "full": d / "full", "eval_dirs": {},
                   "eval_lora_dir": d / "eval-lora", "eval_full_dir": d / "eval-full",
                   "readme_run": [c for c in readme_commands() if family_of(c) == f]}
-    with ThreadPoolExecutor(workers) as pool:  # six independent chains of one to four commands
-        jobs = [pool.submit(chain, f, folders, root / f, out[f]) for chain in (_lora_chain, _full_chain)
-                for f in FAMILIES]
+    with ThreadPoolExecutor(workers) as pool:  # independent chains of one to four commands
+        jobs = [pool.submit(chain, f, folders, root / f, out[f]) for chain, families in
+                ((_lora_chain, FAMILIES), (_full_chain, FULL_CHAIN)) for f in families]
         for job in jobs:
             job.result()
     out["compare_cmd"], out["compare"] = _compare(out, root / "compare")
@@ -281,18 +290,22 @@ def test_the_folder_loads_in_the_stock_pipeline_with_real_tokenizers(folders, fa
 @pytest.mark.parametrize("family", FAMILIES)
 def test_text_encoders_encode_in_the_model_dtype_at_the_family_length(folders, family):
     """Prompts are encoded by the text encoders placed on the adapter's device in its dtype (bf16 here),
-    at the reference max_sequence_length (512 T5 / Qwen3 tokens; SD3: 77 CLIP + 512 T5), then offloaded."""
+    at the reference max_sequence_length (512 T5 / Qwen3 tokens; SD3: 77 CLIP + 512 T5; Qwen-Image: each
+    prompt's own length, at most 512, as its pipeline encodes), then offloaded."""
     pipe = _pipeline(family, folders[family])
     ad = _cls(ADAPTERS[family])(pipe, resolution=tf.RESOLUTION, device="cpu", dtype=torch.bfloat16)
     assert ad.max_sequence_length == 512
     batch = ad.encode_prompts(tf.PROMPTS[:2])
     length = {"flux1": 512, "sd3": tf.CLIP_MAX_TOKENS + 512, "flux2": 512,
               **{f: a[1] for f, a in ADDED.items()}}[family]
+    if length is None:  # Qwen-Image: the longest prompt's tokens after the template prefix
+        length = int(batch.tensors["encoder_hidden_states_mask"].sum(dim=1).max())
+        assert 0 < length <= 512
     assert batch.tensors["encoder_hidden_states"].shape[:2] == (2, length)
     encoders = ad.text_encoders()
     assert len(encoders) == {"flux1": 2, "sd3": 3, "flux2": 1, **{f: a[2] for f, a in ADDED.items()}}[family]
     assert all(p.dtype == torch.bfloat16 for e in encoders for p in e.parameters())
-    negative = ad.uses_cfg if family in ADDED else family != "flux1"
+    negative = batch.negative is not None  # the negative prompt is encoded where CFG runs
     assert ad.encoded_prompts == 2 + negative
     assert ad.encode_seconds > 0  # + the empty negative where CFG runs
     ad.offload_text_encoders()
@@ -349,7 +362,7 @@ def test_train_lora_checkpoints_and_resume(runs, family):
     assert diff <= 1e-4 * sum(float(a[k].double().square().sum()) for k in a) ** 0.5
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FULL_CHAIN)
 def test_full_finetuning_writes_a_loadable_transformer(runs, family):
     import diffusers
 
@@ -471,6 +484,27 @@ def test_lora_targets_that_match_nothing_stop_before_anything_loads(folders, fam
     preflight(from_dict({**base, "lora_target_modules": ["to_q"]}))  # a name the transformer has
     with pytest.raises(ConfigError, match=r"^lora_target_modules: 'attn\.to_qq' matches no module"):
         preflight(from_dict({**base, "lora_target_modules": ["to_q", "attn.to_qq"]}))
+
+
+def test_qwen_image_prompts_encoded_apart_batch_as_the_pipeline_encodes_them_together(folders):
+    """Prompts of different token lengths, encoded and cached in separate batches, form the batch the
+    pipeline's ``encode_prompt`` gives for them at once: its template and dropped prefix, zero padding to
+    the longest and the mask; a batch of equal lengths has no padding (the pipeline then passes no mask)."""
+    pipe = _pipeline("qwen-image", folders["qwen-image"])
+    ad = _adapter("qwen-image", pipe)
+    prompts = [tf.PROMPTS[0], tf.PROMPTS[3]]
+    for p in prompts:
+        ad.encode_prompts([p])
+    batch = ad.encode_prompts(prompts)
+    assert ad.encoded_prompts == 3  # the two prompts and the negative " ", each once
+    with torch.no_grad():
+        emb, mask = pipe.encode_prompt(prompt=prompts, device="cpu", max_sequence_length=512)
+    got = batch.tensors
+    assert mask is not None and not bool(mask.all())  # the test prompts differ in length
+    assert torch.equal(got["encoder_hidden_states_mask"], mask.long())
+    # fp32; the text encoder ran on other batch shapes (its kernels may block the sums differently)
+    assert torch.allclose(got["encoder_hidden_states"], emb, atol=1e-5, rtol=1e-5)
+    assert bool(ad.encode_prompts([tf.PROMPTS[0]] * 2).tensors["encoder_hidden_states_mask"].all())
 
 
 def _torchvision_works() -> bool:
