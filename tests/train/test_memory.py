@@ -528,7 +528,7 @@ def test_a_new_architecture_file_is_picked_up(tmp_path, monkeypatch):
     (tmp_path / "rewards.json").write_text("{}")
     assert build.shipped_architectures(tmp_path) == {"newfam": "newfam.json"}
     assert set(build.FAMILY_FILES) >= {"flux1", "sd3", "flux2"}  # the shipped ones, found the same way
-    with pytest.raises(ValueError, match="^family: .* must declare prompt_outputs"):
+    with pytest.raises(ValueError, match="^family: .* declares no prompt_outputs"):
         build.check_spec("newfam", arch)
     arch["prompt_outputs"] = [["batch", "max_sequence_length", TEXT_DIM], ["batch", POOLED_DIM], None]
     (tmp_path / "copy.json").write_text(json.dumps(arch))

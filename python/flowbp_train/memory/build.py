@@ -24,7 +24,7 @@ import torch
 ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
 #: families whose pipeline's ``encode_prompt`` has a stand-in here that runs the text encoders; any other
 #: family's architecture file declares the shapes its ``encode_prompt`` returns (``prompt_outputs``)
-ENCODER_STAND_INS = ("flux1", "sd3", "flux2")
+ENCODER_STAND_INS = ("flux1", "sd3", "sd3-large", "flux2")
 
 
 def shipped_architectures(folder: Path | None = None) -> dict[str, str]:
@@ -202,7 +202,7 @@ def pipeline_encoder(family: str, spec: dict, encoders: dict[str, torch.nn.Modul
             pooled = (encoders["text_encoder"](ids("text_encoder", b), output_hidden_states=False).pooler_output
                       if "text_encoder" in encoders else torch.randn(b, pooled_dim))
             return emb, pooled
-        if family == "sd3":
+        if family in ("sd3", "sd3-large"):
             if len(encoders) == 3:
                 hid, pools = [], []
                 for name in ("text_encoder", "text_encoder_2"):
@@ -247,7 +247,7 @@ def pipeline_encoder(family: str, spec: dict, encoders: dict[str, torch.nn.Modul
         outs = to_host(*run(prompts))
         if family == "flux1":  # (prompt_embeds, pooled_prompt_embeds, text_ids)
             return outs[0], outs[1], None
-        if family == "sd3":  # (prompt_embeds, negative, pooled_prompt_embeds, negative pooled)
+        if family in ("sd3", "sd3-large"):  # (prompt_embeds, negative, pooled_prompt_embeds, negative pooled)
             return outs[0], None, outs[1], None
         return outs[0], None  # flux2: (prompt_embeds, text_ids)
 
@@ -285,16 +285,16 @@ def build_adapter(cfg, *, on_host: Callable[[], contextlib.AbstractContextManage
         pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=encoders.get("text_encoder"), tokenizer=None,
                             text_encoder_2=encoders.get("text_encoder_2"), tokenizer_2=None, transformer=transformer)
         adapter = FluxAdapter(pipe, **kw)
-    elif family == "sd3":
+    elif family in ("sd3", "sd3-large"):  # SD3.5-Large: the same pipeline and classes, its own adapter
         from diffusers import StableDiffusion3Pipeline
 
-        from flowbp_train.models.sd3 import SD3Adapter
+        from flowbp_train.models import adapter_class
 
         pipe = StableDiffusion3Pipeline(
             transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=encoders.get("text_encoder"),
             tokenizer=None, text_encoder_2=encoders.get("text_encoder_2"), tokenizer_2=None,
             text_encoder_3=encoders.get("text_encoder_3"), tokenizer_3=None)
-        adapter = SD3Adapter(pipe, **kw)
+        adapter = adapter_class(family)(pipe, **kw)
     elif family == "flux2":
         from diffusers import Flux2KleinPipeline
 
@@ -321,7 +321,8 @@ def check_spec(family: str, spec: dict) -> None:
         raise ValueError(f"family: {where} must name its diffusers pipeline class (key 'pipeline')")
     if not (isinstance(outs, list) and outs and all(
             o is None or (isinstance(o, list) and all(isinstance(d, (int, str)) for d in o)) for o in outs)):
-        raise ValueError(f"family: {where} must declare prompt_outputs, the shapes its pipeline's encode_prompt "
+        raise ValueError(f"family: --plan-memory cannot plan {family!r} yet: {where} declares no prompt_outputs, "
+                         f"the shapes its pipeline's encode_prompt "
                          f"returns (a list of null or [\"batch\", length or \"max_sequence_length\", width or "
                          f"a key of the transformer's config])")
 
