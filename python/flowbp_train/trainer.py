@@ -7,7 +7,8 @@ gradient caching every latent and velocity, draw the method's plan from the inde
 CPU generator, seeded identically on every rank; DRaFT-LV's re-noising noise comes from each rank's
 own noise generator), let ``flowbp_kernels.reward_backprop`` accumulate the
 parameter gradients, then clip (default 1.0), step AdamW and the EMA. A non-finite loss or gradient
-skips the step; ``max_nonfinite_steps`` in a row stop the run. Under torchrun the transformer is
+skips the step; ``max_nonfinite_steps`` in a row stop the run. A reward with ``terms(images, prompts)``
+has each term's batch mean on the sample logged as ``reward_<term>``. Under torchrun the transformer is
 wrapped by DDP or sharded by FSDP2 (``distributed_strategy``, see ``flowbp_train.distributed``); the
 executor's node backwards run under ``no_sync`` but the last, so gradients are reduced once per step.
 Before any model loads, a run locks its ``output_dir`` and checks the checkpoint it resumes (manifest,
@@ -384,6 +385,11 @@ class Trainer:
                                   noise_generator=self.generators["noise"],  # this rank's DRaFT-LV noise
                                   loss_scale=loss_scale, no_sync=self.no_sync if last else None,
                                   all_finite=self.all_finite)
+        terms = getattr(self.reward, "terms", None)
+        if callable(terms):  # a reward made of terms (the miniature's tasks): each logged, on the sample x_N
+            with torch.no_grad():
+                out.diagnostics["reward_terms"] = {k: float(v.float().mean())
+                                                   for k, v in terms(ad.decode(ro.sample), prompts).items()}
         return out, prompts
 
     def training_step(self) -> dict:
@@ -448,6 +454,8 @@ class Trainer:
                 k=d.get("k"), j=d.get("j"), tau=d.get("tau"), active=list(d.get("active") or ()),
                 node_grad_norms=[n.get("grad_norm") for n in d.get("nodes", [])],
             )
+            for k in d.get("reward_terms") or {}:  # this rank's mean over its micro-batches
+                rec[f"reward_{k}"] = sum(o.diagnostics["reward_terms"][k] for o in outs) / len(outs)
         else:
             rec.update(loss=None, reward=None)
         return rec
