@@ -175,6 +175,17 @@ def _config(cfg: StudyConfig, task: str, method: str, seed: int, out: str):
     return tc
 
 
+def _trainer(tc):
+    """The trainer of one run; its start-up line (prompts encoded) is dropped: 100 runs would print it."""
+    import contextlib
+    import io
+
+    from flowbp_train.trainer import Trainer
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        return Trainer(tc)
+
+
 _JUDGES: dict = {}
 
 
@@ -220,12 +231,10 @@ def evaluate_task(adapter, reward, task: str, per_prompt: int = 8) -> dict:
 
 def train_run(cfg: StudyConfig, task: str, method: str, seed: int) -> dict:
     """One training run through the trainer, evaluated at :func:`eval_steps`; returns its record."""
-    from flowbp_train.trainer import Trainer
-
     t0 = time.perf_counter()
     out = tempfile.mkdtemp(prefix=f"flowbp-study-{task}-{method}-{seed}-")
     try:
-        trainer = Trainer(_config(cfg, task, method, seed, out))
+        trainer = _trainer(_config(cfg, task, method, seed, out))
         try:
             at = set(eval_steps(cfg.steps))
             evals = {0: evaluate_task(trainer.adapter, trainer.reward, task, cfg.eval_per_prompt)}
@@ -252,12 +261,11 @@ def gradient_run(cfg: StudyConfig, task: str, seed: int) -> dict:
     (each rollout step's parameter-gradient piece, summed over the draws, against the total and against
     the exact gradient) and the bytes saved for backward (streaming and retain executors)."""
     from flowbp_kernels import get_method, reward_backprop, rollout
-    from flowbp_train.trainer import Trainer
 
     t0 = time.perf_counter()
     out = tempfile.mkdtemp(prefix=f"flowbp-study-grad-{task}-{seed}-")
     try:
-        trainer = Trainer(_config(cfg, task, "full", seed, out))
+        trainer = _trainer(_config(cfg, task, "full", seed, out))
         try:
             ad, reward, params = trainer.adapter, trainer.reward, trainer.params
             n = trainer.cfg.num_steps
@@ -496,8 +504,33 @@ def aggregate(runs: list[dict], grads: list[dict], cfg: StudyConfig) -> dict:
             gaps.append({"above": a, "below": b, "diff": diff, "pooled_sd": pooled,
                          "in_sd": diff / pooled if pooled > 0 else None})
         exact = [g["methods"]["full"] for g in grads if g["task"] == t and "full" in g["methods"]]
-        agg[t] = {"methods": rows, "order": order, "gaps": gaps, "exact_decomposition": _decomposition(exact)}
+        paired = [(rows[m]["cos_vs_exact"][0], rows[m]["final_reward"][0]) for m in rows if rows[m]["cos_vs_exact"]]
+        agg[t] = {"methods": rows, "order": order, "gaps": gaps, "exact_decomposition": _decomposition(exact),
+                  "spearman_cos_reward": _spearman(*zip(*paired)) if len(paired) > 2 else None}
     return agg
+
+
+def _ranks(xs) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # ties share their mean rank
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def _spearman(xs, ys) -> float | None:
+    """Spearman's rank correlation (Pearson's on the ranks, ties at their mean rank)."""
+    rx, ry = _ranks(list(xs)), _ranks(list(ys))
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
 
 
 def _decomposition(gs: list[dict]) -> dict:
@@ -561,7 +594,10 @@ def markdown_report(agg: dict, info: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         order = " > ".join([a["order"][0]] + [
             f"{g['below']} ({g['in_sd']:.1f} sd)" if g["in_sd"] is not None else g["below"] for g in a["gaps"]])
-        lines += ["", f"Ordering by final reward (gap to the method above in pooled seed sds): {order}.", ""]
+        rho = a.get("spearman_cos_reward")
+        lines += ["", f"Ordering by final reward (gap to the method above in pooled seed sds): {order}."
+                  + (f" Spearman rank correlation of cos(grad, exact) with the final reward: {rho:.2f}." if rho
+                     is not None else ""), ""]
     lines.append("Per-step decomposition at the base model (one batch per seed, "
                  f"{info['draws']} plan draws per method, summed): cosine of each rollout step's piece of the "
                  "gradient (step 0 = the noise end) with the exact gradient; `.` where the method never reaches "
