@@ -85,9 +85,6 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dump_yaml(cfg), end="")
         return 0
-    from flowbp_train.threads import announce
-
-    announce()  # what policy_for_train chose, now that the recipe holds
     from flowbp_train.checkpoint import CheckpointError
     from flowbp_train.rundir import OutputDirBusy
     from flowbp_train.trainer import train

@@ -135,7 +135,9 @@ _pending: list[tuple[str, ThreadPolicy]] = []
 
 
 def announce() -> None:
-    """Print the line of the policy an entry point set (once; nothing if none was set)."""
+    """Print the line of the policy an entry point set (once; nothing if none was set). Called where the
+    command's last input check has passed: ``Trainer`` before its first step, ``flowbp-eval`` and
+    ``flowbp-mini`` after their argument checks."""
     while _pending:
         prog, policy = _pending.pop(0)
         print(policy.describe(prog), file=sys.stderr, flush=True)

@@ -584,6 +584,10 @@ class Trainer:
     def _train(self) -> TrainResult:
         cfg = self.cfg
         self.resume()
+        if self.is_main:  # every input is checked by now: the CPU thread settings flowbp-train chose at start
+            from flowbp_train.threads import announce
+
+            announce()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_yaml(cfg))
