@@ -46,6 +46,11 @@ def cuda_sources() -> list[str]:
     return sorted(glob.glob(f"{CSRC}/*/*_cuda.cu", root_dir=HERE))
 
 
+def op_headers() -> list[str]:
+    """Each op's host code shared by its CPU and CUDA launchers (csrc/<op>/<op>.h)."""
+    return sorted(glob.glob(f"{CSRC}/*/*.h", root_dir=HERE))
+
+
 def cxx_flags(native: bool = False) -> list[str]:
     # -ffp-contract=off: keep a*b+c as two roundings, so the kernels match torch's eager results bit for bit.
     flags = ["-O3", "-ffp-contract=off"]
@@ -115,7 +120,7 @@ def extensions():
 
 def data_files() -> list[tuple[str, list[str]]]:
     # The kernel sources travel with the install so that a pure-Python install can compile them on first use.
-    files = [f"{CSRC}/common.h", f"{CSRC}/cuda_common.cuh", *cpu_sources(), *cuda_sources()]
+    files = [f"{CSRC}/common.h", f"{CSRC}/cuda_common.cuh", *op_headers(), *cpu_sources(), *cuda_sources()]
     groups: dict[str, list[str]] = {}
     for f in files:
         groups.setdefault(os.path.join("share", "flowbp_kernels", os.path.dirname(f)), []).append(f)

@@ -1,6 +1,7 @@
-"""Shared pieces of the benchmarks: a small random DiT velocity model, a reward, run metadata, device timing
-(CUDA events around each call with an L2 flush before it, medians; host clock on CPU) and JSON-lines output
-written row by row, so a run stopped at its time limit keeps every row it finished."""
+"""Shared pieces of the benchmarks: a small random DiT velocity model, a reward, run metadata (device,
+versions, git revision), device timing (CUDA events around each call with an L2 flush before it, medians;
+host clock on CPU), JSON output and JSON lines written row by row, so a run stopped at its time limit
+keeps every row it finished. Every benchmark takes its git revision and metadata from here."""
 
 from __future__ import annotations
 
@@ -108,19 +109,25 @@ def median_time(fn, repeats=3) -> float:
     return times[len(times) // 2]
 
 
-def metadata() -> dict:
-    """Device, versions and code revision for every result row. Without git history (the GPU kit's copy),
-    ``FLOWBP_GIT_REV`` / ``FLOWBP_TREE_SHA`` set by benchmarks/gpu_check.sh identify the code."""
+def git_revision() -> str:
+    """The short git revision of the checkout. Without git history (the GPU kit's copy), the
+    ``FLOWBP_GIT_REV`` that benchmarks/gpu_check.sh sets, else ``unknown``."""
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         rev = ""
+    return rev or os.environ.get("FLOWBP_GIT_REV", "unknown")
+
+
+def metadata() -> dict:
+    """Device, versions and code revision for every result row (``FLOWBP_TREE_SHA``, set by
+    benchmarks/gpu_check.sh, identifies the code of a copy without history)."""
     meta = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git": rev or os.environ.get("FLOWBP_GIT_REV", "unknown"),
+        "git": git_revision(),
         "threads": torch.get_num_threads(),
     }
     if os.environ.get("FLOWBP_TREE_SHA"):
@@ -128,10 +135,12 @@ def metadata() -> dict:
     return meta
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str))
+def write_json(target: str | Path, payload, *, indent: int = 2) -> Path:
+    """Write ``payload`` as JSON to ``results/<target>.json`` (a name, ``str``) or to ``target`` (a
+    ``Path``; its folder is created); returns the path."""
+    path = RESULTS / f"{target}.json" if isinstance(target, str) else Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=indent, default=str))
     return path
 
 

@@ -20,7 +20,7 @@ esac
 # Stage limits in seconds (worst case: 110 + 110 + 70 + 70 + 150 + 5 x GRACE = 535 <= 540).
 LIMIT_BUILD=110    # install the wheels, nvcc of three .cu files for one architecture on 16 cores, the report
 [ "$MODE" = dry ] && [ -z "${FLOWBP_PREBUILT_SO:-}" ] && LIMIT_BUILD=300  # a CPU build on 2 busy cores
-LIMIT_TESTS=110    # tests/ops without -x: Triton compiles each specialization once (xdist spreads them)
+LIMIT_TESTS=110    # tests/kernels/ops without -x: Triton compiles each specialization once (xdist spreads them)
 LIMIT_CORRECT=70   # model-shape correctness, opcheck, torch.compile, one engine step
 LIMIT_SPEED=70     # CUDA events with an L2 flush, medians, against eager, compile and a device copy
 LIMIT_STEP=150     # FLUX.1-dev at 1024 and 512 (streaming, retain), then SD3.5-M while time remains
@@ -113,8 +113,8 @@ stage_build() {
 }
 
 stage_tests() {
-  local sel=(tests/ops -k "not aot") extra=()
-  [ "$MODE" = dry ] && sel=(tests/ops/test_surrogate_vjp.py tests/ops/test_pin.py)
+  local sel=(tests/kernels/ops -k "not aot") extra=()
+  [ "$MODE" = dry ] && sel=(tests/kernels/ops/test_surrogate_vjp.py tests/kernels/ops/test_pin.py)
   "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout="$PER_TEST_S")
   [ "$MODE" = gpu ] && "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 8)
   "$PY" -m pytest -q -p no:cacheprovider -rfE "${sel[@]}" "${extra[@]}" --junitxml="$OUT/tests.xml"

@@ -1,7 +1,7 @@
 """Correctness of the fused ops at model shapes on one device (the GPU kit's stage 3; CPU in its dry run).
 
 Per op, backend and shape (FLUX.1 1024 px, SD3.5-M 1024 px, FLUX.2-Klein 1024 px, batch 1): the error
-against a float64 truth within the kernel tests' criterion (tests/ops/kernel_helpers.py: ERR_FACTOR times
+against a float64 truth within the kernel tests' criterion (tests/helpers/kernels.py: ERR_FACTOR times
 the torch reference's error plus ATOL), exact pins and exact cache contents, inputs unchanged (bitwise,
 base and more than 8 nodes included), a second call bitwise equal (run-to-run determinism), the same
 values from inputs at an odd storage offset (the unaligned path), ``torch.library.opcheck`` of the
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "ops")]
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # _common; the kernel tests' helpers.kernels
 
 import torch  # noqa: E402
 
@@ -73,7 +73,7 @@ SPECS = (
 
 def _randn(shape, dtype, device, seed, offset=0, random=True):
     """Standard normal values (scaled by 3 so that fp8 uses its range), at an element ``offset`` of storage
-    (``random=False``: uninitialised, for tests/ops/triton_aot.py, which only records the launches)."""
+    (``random=False``: uninitialised, for tests/kernels/ops/triton_aot.py, which only records the launches)."""
     n = 1
     for d in shape:
         n *= d
@@ -135,7 +135,7 @@ def bitwise_equal(a: list, b: list) -> bool:
 
 def value_checks(spec: Spec, inp: dict, outs: list) -> list[dict]:
     """Each output against the float64 truth (the kernel tests' criterion), or bitwise where exact."""
-    from kernel_helpers import ATOL, ERR_FACTOR, max_err
+    from helpers.kernels import ATOL, ERR_FACTOR, max_err
 
     refs = run_op(spec, inp, "ref")
     p = spec.p
@@ -212,7 +212,7 @@ def op_checks(spec: Spec, shape_name: str, shape, device: str, backend: str) -> 
 
 def opcheck_samples(device: str) -> list:
     """Samples of every registered op for ``torch.library.opcheck`` (P = 9 with a base included)."""
-    from kernel_helpers import make
+    from helpers.kernels import make
 
     x, t = make((2, 3, 5), f32, device, 0), make((2, 3, 5), f32, device, 2)
     v = make((2, 3, 5), bf16, device, 1)

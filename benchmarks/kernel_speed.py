@@ -18,11 +18,8 @@ after that many seconds (the GPU kit's time limit).
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,15 +37,13 @@ if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in _STEADY_ENV
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DeviceTimer, append_jsonl  # noqa: E402
+from _common import DeviceTimer, append_jsonl, git_revision, write_json  # noqa: E402
 
 import flowbp_kernels as fb  # noqa: E402
+from flowbp_kernels.ops import _euler_cache_step as ecs  # noqa: E402 - the op modules: their backend tables
+from flowbp_kernels.ops import _lagrange_leap as ll  # noqa: E402
+from flowbp_kernels.ops import _surrogate_vjp as sv  # noqa: E402
 from flowbp_kernels.ops import reference as ref  # noqa: E402
-
-# the op modules (the package re-exports functions of the same names)
-ecs = importlib.import_module("flowbp_kernels.ops.euler_cache_step")
-ll = importlib.import_module("flowbp_kernels.ops.lagrange_leap")
-sv = importlib.import_module("flowbp_kernels.ops.surrogate_vjp")
 
 SHAPES = {
     "flux1-512": (1024, 64),
@@ -81,7 +76,7 @@ torch._dynamo.config.accumulated_recompile_limit = 1 << 16
 
 def cases(shape, batch, device, ops, node_dtypes, ps, make=None):
     """(op, variant, bytes, {impl_name: callable}) for each benchmarked configuration; ``make(shape, dtype)``
-    replaces the random inputs (tests/ops/triton_aot.py records the launches on empty tensors)."""
+    replaces the random inputs (tests/kernels/ops/triton_aot.py records the launches on empty tensors)."""
     full = (batch, *shape)
     n = batch
     for s in shape:
@@ -157,14 +152,6 @@ def available_backends(device: str) -> list[str]:
     return names
 
 
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):  # no history here (the GPU kit's copy): what the kit passes
-        return os.environ.get("FLOWBP_GIT_REV", "unknown")
-
-
 def main(argv=None) -> int:
     global BACKENDS, COMPILE_BACKEND
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -197,7 +184,7 @@ def main(argv=None) -> int:
     meta = {
         "device": torch.cuda.get_device_name(0) if on_gpu else f"{platform.processor() or platform.machine()} "
         f"({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "python": sys.version.split()[0], "git": git_rev(),
+        "torch": torch.__version__, "python": sys.version.split()[0], "git": git_revision(),
         "tree_sha": os.environ.get("FLOWBP_TREE_SHA"),
         "backends": fb.backends(), "copy_GBps": copy_gbs, "rounds": rounds, "compile_backend": args.compile_backend,
         "timing": "cuda events, L2 flush before each call, median" if on_gpu else "host clock, median (in cache)",
@@ -249,7 +236,7 @@ def main(argv=None) -> int:
                           f"{row['speedup_eager']:8.2f} {sc}", flush=True)  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        write_json(Path(args.out), {"meta": meta, "rows": rows}, indent=1)
         print(f"# wrote {args.out}")
     return 0
 

@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _common import git_revision, write_json  # noqa: E402
+
 GiB = 2**30
 FAMILIES = ("flux1", "sd3", "flux2")
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def recipe_config(family: str, method: str, executor: str, res: int, batch: int | None, num_steps: int | None,
@@ -120,7 +115,7 @@ def compare(sim_path: Path, measured_path: Path, out: Path) -> list[dict]:
               f"{r['simulated_reserved_gib']:8.2f} {r['measured_reserved_gib']:8.2f} {r['ratio_reserved']:6.3f}")
     if not rows:
         print("no measured row matches a simulated one (pending a GPU run)")
-    out.write_text(json.dumps(rows, indent=1))
+    write_json(out, rows, indent=1)
     return rows
 
 
@@ -155,15 +150,14 @@ def main(argv=None) -> None:
                     row = {"family": fam, "method": method, "executor": ex, "resolution": res,
                            "batch": cfg.train_batch_size, "num_steps": cfg.num_steps}
                     row.update(simulate_row(cfg) if args.mode == "simulate" else real_row(cfg, args.device, args.size))
-                    row.update(torch=torch.__version__, git=git_rev(), host=f"python {sys.version.split()[0]}")
+                    row.update(torch=torch.__version__, git=git_revision(), host=f"python {sys.version.split()[0]}")
                     rows.append(row)
                     if row["kind"] == "simulated":
                         print(f"{fam:6} {method:16} {ex:9} {res:5} {row['batch']:2} {row['peak_live_gib']:7.2f} "
                               f"{row['reserved_gib']:8.2f} {row['total_gib']:7.2f}  {row['peak_phase']}", flush=True)
                     else:
                         print(f"{fam:6} {method:16} {ex:9} {res:5} {row['batch']:2} {row}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
+    write_json(args.out, rows, indent=1)
     print(f"wrote {args.out}")
 
 

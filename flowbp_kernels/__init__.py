@@ -3,11 +3,13 @@
 A no-grad cached rollout samples the image; a backward surrogate, defined by four choices (reward
 input, active set, integration weights, bridge coupling), turns the reward's gradient into parameter
 gradients. Every method is a setting of those choices (``get_method``), run by one of two executors
-(``reward_backprop``). See shared/design/ALGORITHM.md for the math.
+(``reward_backprop``). See shared/design/ALGORITHM.md for the math. A module named like the function it
+defines is private (``_rollout``, ``ops._lagrange_leap``), so that ``flowbp_kernels.rollout`` is one thing.
 """
 
+from flowbp_kernels._rollout import Rollout, rollout
 from flowbp_kernels.executors import EXECUTORS, NonFiniteLossError, StepOutput, reward_backprop
-from flowbp_kernels.methods import DEFAULTS, METHODS, Method, Plan, get_method
+from flowbp_kernels.methods import DEFAULTS, METHODS, Method, Plan, WindowError, get_method
 from flowbp_kernels.ops import (
     BridgeCoupling,
     LagrangeLeap,
@@ -20,7 +22,6 @@ from flowbp_kernels.ops import (
     surrogate_vjp,
 )
 from flowbp_kernels.quadrature import lagrange_weights, support_nodes
-from flowbp_kernels.rollout import Rollout, rollout
 from flowbp_kernels.schedule import flow_sigmas, flux2_mu, flux_mu
 from flowbp_kernels.surrogate import Node, Segment, Surrogate
 
@@ -41,6 +42,7 @@ __all__ = [
     "StepOutput",
     "Surrogate",
     "VelocityCache",
+    "WindowError",
     "backends",
     "euler_cache_step",
     "flow_sigmas",

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from flowbp_kernels._rollout import Rollout, VelocityFn
 from flowbp_kernels.methods import Method, Plan
-from flowbp_kernels.ops.lagrange_leap import lagrange_leap
-from flowbp_kernels.ops.surrogate_vjp import BridgeCoupling, pin, surrogate_vjp
-from flowbp_kernels.rollout import Rollout, VelocityFn
+from flowbp_kernels.ops import BridgeCoupling, lagrange_leap, pin, surrogate_vjp
 from flowbp_kernels.surrogate import Segment, Surrogate
 
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
@@ -302,13 +301,14 @@ def reward_backprop(
         if bad:
             raise TypeError(f"params must hold tensors, got {bad[0]}")
     run = _retain if executor == "retain" else _streaming
-    recorder = _GradRecorder(keep_node_grads and executor == "streaming")
-    sync = _SyncSchedule(no_sync, sur.num_reforwards)
-    sync.all_finite = all_finite
+    step = _Step(sur=sur, velocity_fn=velocity_fn, ro=rollout, reward_fn=reward_fn, loss_of=loss_of,
+                 scale=float(loss_scale), params=params,
+                 recorder=_GradRecorder(keep_node_grads and executor == "streaming"),
+                 sync=_SyncSchedule(no_sync, sur.num_reforwards, all_finite))
     try:
-        out = run(sur, velocity_fn, rollout, reward_fn, loss_of, float(loss_scale), params, recorder, sync)
+        out = run(step)
     finally:
-        recorder.close()
+        step.recorder.close()
     out.diagnostics.update(
         plan=plan, active=sur.active, k=plan.k, j=plan.j, tau=plan.tau, stop=plan.stop,
         num_reforwards=sur.num_reforwards, executor=executor, surrogate=sur.info,
@@ -317,11 +317,12 @@ def reward_backprop(
 
 
 class _SyncSchedule:
-    """Wraps every model call but the last in ``no_sync()`` (a no-op without one)."""
+    """Wraps every model call but the last in ``no_sync()`` (a no-op without one); ``all_finite`` is the
+    cross-rank agreement on "the loss is finite" (None: this rank alone)."""
 
-    def __init__(self, no_sync, total: int):
+    def __init__(self, no_sync, total: int, all_finite: Callable[[bool], bool] | None = None):
         self.no_sync, self.left = no_sync, total
-        self.all_finite: Callable[[bool], bool] | None = None
+        self.all_finite = all_finite
 
     def next(self) -> AbstractContextManager:
         self.left -= 1
@@ -335,17 +336,34 @@ class _SyncSchedule:
         return nullcontext() if isinstance(ctx, nullcontext) else self.no_sync()
 
 
-def _finish_loss(terms, loss_of, scale, sync):
-    total = sum(loss_of(r, w) for r, w in terms) / len(terms) * scale
+@dataclass(frozen=True)
+class _Step:
+    """What an executor reads: this step's surrogate and rollout, the model and the reward, the loss and its
+    scale, the parameters (None: found in the graph), the per-node gradient recorder and the sync schedule."""
+
+    sur: Surrogate
+    velocity_fn: VelocityFn
+    ro: Rollout
+    reward_fn: RewardFn
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scale: float
+    params: list[torch.Tensor] | None
+    recorder: _GradRecorder
+    sync: _SyncSchedule
+
+
+def _finish_loss(step: _Step, terms, scale: float):
+    total = sum(step.loss_of(r, w) for r, w in terms) / len(terms) * scale
     ok = bool(torch.isfinite(total.detach()))
-    if sync.all_finite is not None:
-        ok = sync.all_finite(ok)
+    if step.sync.all_finite is not None:
+        ok = step.sync.all_finite(ok)
     if not ok:
         raise NonFiniteLossError(f"non-finite loss (this rank: {float(total.detach())}); no gradient was accumulated")
     return total
 
 
-def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder, sync) -> StepOutput:
+def _retain(step: _Step) -> StepOutput:
+    sur, ro, sync, velocity_fn, reward_fn = step.sur, step.ro, step.sync, step.velocity_fn, step.reward_fn
     outs, residuals, nodes_info = [], [], []
     with torch.enable_grad():
         for si, seg in enumerate(sur.segments):
@@ -376,12 +394,15 @@ def _retain(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder, s
             rc = _check_reward(reward_fn(xc + (float(ro.sigmas[-1]) - float(ro.sigmas[m])) * v.to(xc.dtype)), batch)
             terms.append((rc, weight))
             copies.append(rc.detach())
-        total = _finish_loss(terms, loss_of, scale, sync)
+        total = _finish_loss(step, terms, step.scale)
         total.backward()
-    return _output(total, r, weight, d_j, d_0, sur, residuals, nodes_info, copies)
+    return _output(sur, total=total, reward=r, weight=weight, d_j=d_j, d_0=d_0, residuals=residuals,
+                   nodes=nodes_info, copies=copies)
 
 
-def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder, sync) -> StepOutput:
+def _streaming(step: _Step) -> StepOutput:
+    sur, ro, sync, velocity_fn, reward_fn = step.sur, step.ro, step.sync, step.velocity_fn, step.reward_fn
+    recorder, params, scale = step.recorder, step.params, step.scale
     outs, residuals = _forward_values(sur, ro)
     nodes_info, node_grads = [], []
     n_terms = 1 + sur.renoise
@@ -403,7 +424,7 @@ def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder
         batch = x_r.shape[0]
         r = _check_reward(reward_fn(x_r), batch)
         weight, d_j, d_0 = _weight(sur, residuals, batch, r)
-        main = _finish_loss([(r, weight)], loss_of, scale / n_terms, sync)
+        main = _finish_loss(step, [(r, weight)], scale / n_terms)
         (g,) = torch.autograd.grad(main, x_r)
     total = main.detach()
 
@@ -418,7 +439,7 @@ def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder
         with torch.enable_grad(), ctx:
             v = velocity_fn(xc.to(ro.cache.latent_dtype), m)
             rc = _check_reward(reward_fn(xc + (float(ro.sigmas[-1]) - float(ro.sigmas[m])) * v.to(xc.dtype)), batch)
-            lc = loss_of(rc, weight) * (scale / n_terms)
+            lc = step.loss_of(rc, weight) * (scale / n_terms)
         pending.append((lc, ctx))
         copies.append(rc.detach())
     # one check of everything the parameter backwards will use: the reward's input gradient g (a finite
@@ -465,20 +486,21 @@ def _streaming(sur, velocity_fn, ro, reward_fn, loss_of, scale, params, recorder
                 prev_adj = prev_adj + leaf.grad
         if seg.anchor == "previous":
             adj[si - 1] = prev_adj
-    out = _output(total, r, weight, d_j, d_0, sur, residuals, nodes_info, copies)
+    out = _output(sur, total=total, reward=r, weight=weight, d_j=d_j, d_0=d_0, residuals=residuals,
+                  nodes=nodes_info, copies=copies)
     if recorder.keep:
         out.diagnostics["node_grads"] = node_grads
         out.diagnostics["params"] = recorder.params
     return out
 
 
-def _output(total, r, weight, d_j, d_0, sur, residuals, nodes_info, copies) -> StepOutput:
+def _output(sur: Surrogate, *, total, reward, weight, d_j, d_0, residuals, nodes, copies) -> StepOutput:
     diag = {
         "d_j": d_j,
         "d_0": d_0,
         "residuals": {f"{s.start}->{s.end}": res for s, res in zip(sur.segments, residuals) if res is not None},
-        "nodes": nodes_info,
+        "nodes": nodes,
     }
     if copies:
         diag["renoised_rewards"] = copies
-    return StepOutput(loss=total.detach(), reward=r.detach(), weight=weight.detach(), diagnostics=diag)
+    return StepOutput(loss=total.detach(), reward=reward.detach(), weight=weight.detach(), diagnostics=diag)

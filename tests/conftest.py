@@ -1,36 +1,47 @@
-"""Shared fixtures: the test process's thread count (tests/_tolerance.py), and for the engine tests a tiny
-float64 model, its rollout and a reward."""
+"""The test suite's one policy for the interpreter, the kernel backend and threads (fixtures live beside
+the tests that use them; helpers are the ``helpers`` package, see tests/helpers/__init__.py).
+
+- Triton kernels are tested on the CPU in the interpreter: ``TRITON_INTERPRET=1`` when no GPU is
+  visible, set here, before the first test module (hence any kernel module: ``triton.jit`` reads it when
+  it decorates) is imported.
+- Threads: every test runs at ``helpers.tolerance.TEST_THREADS`` (``OMP_NUM_THREADS`` when set, else 1),
+  applied before each test, after collection, so modules that set their own count at import do not decide
+  it; the processes tests start inherit ``OMP_*`` from the environment.
+- Backend: the trainer's unit tests (``tests/train/``, but for the end-to-end suites ``mini/``,
+  ``distributed/`` and ``userpath/``, which run the trainer as a user does) use the torch reference ops and
+  no JIT build (``FLOWBP_BACKEND=torch``, ``FLOWBP_JIT=0``): the trainer is under test there, the kernels
+  are tested on every backend in ``tests/kernels/``.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-# Triton kernels are tested on the CPU in the interpreter; the variable must be set before any module
-# decorates a kernel (triton.jit reads it then), so here, before the first test module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from _engine import TinyReward, TinyVelocity  # noqa: E402
-from _tolerance import TEST_THREADS  # noqa: E402
+from helpers.tolerance import TEST_THREADS  # noqa: E402
 
-import flowbp_kernels as fb  # noqa: E402
+TESTS = Path(__file__).resolve().parent
+#: suites under tests/train that run the trainer end to end, with the kernel dispatch a user gets
+END_TO_END = ("mini", "distributed", "userpath")
+
+
+def _reference_ops(path: Path) -> bool:
+    try:
+        parts = Path(path).resolve().relative_to(TESTS / "train").parts
+    except ValueError:
+        return False
+    return len(parts) == 1 or parts[0] not in END_TO_END
 
 
 @pytest.fixture(autouse=True)
-def _test_threads():
-    # after collection, so modules that call torch.set_num_threads at import do not decide it
+def _policy(request, monkeypatch):
     torch.set_num_threads(TEST_THREADS)
-
-
-@pytest.fixture
-def setup():
-    torch.manual_seed(0)
-    n = 10
-    sig = fb.flow_sigmas(n, shift=3.0)
-    net = TinyVelocity(sig)
-    x0 = torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    ro = fb.rollout(net, x0, sig)
-    return net, ro, TinyReward(), sig
+    if _reference_ops(request.node.path):
+        monkeypatch.setenv("FLOWBP_BACKEND", "torch")
+        monkeypatch.setenv("FLOWBP_JIT", "0")

@@ -23,7 +23,8 @@ import torch
 import flowbp_kernels as fb
 from flowbp_kernels.methods import Plan
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 MINI = str(ROOT / "recipes" / "mini" / "flowbp-lagrange.yaml")
 
 
@@ -346,8 +347,7 @@ MINI_CASES = [
     (["sample", "--guidance", "inf"], "--guidance"), (["sample", "--per-prompt", "0"], "--per-prompt"),
     (["sample", "--lora", "none.safetensors"], "--lora"), (["sample", "--out", "."], "--out"),
     (["sample", "--steps", "0"], "--steps"), (["check", "--steps", "100000"], "--steps"),
-    (["align", "--method", "nope"], "--method"), (["align", "--max-train-steps", "0"], "--max-train-steps"),
-    (["align", "--output-dir", "afile"], "--output-dir"), (["report", "missing-run"], "output_dir"),
+    (["align"], "invalid choice"), (["report", "missing-run"], "output_dir"),
     (["study", "--seeds", "0"], "--seeds"), (["study", "--methods", "nope"], "--method"),
     (["study", "--steps", "0"], "--steps"), (["pretrain", "--bogus"], "unrecognized"),
 ]
@@ -364,8 +364,9 @@ def test_mini_bad_argument(args, needle, guarded, capsys):
 
 
 def test_mini_weights_default_outside_the_package(tmp_path, monkeypatch):
+    from flowbp_train.digits import WEIGHTS_DIR
     from flowbp_train.mini.cli import build_parser, main
-    from flowbp_train.mini.model import HASHES_FILE, WEIGHTS_DIR, sha256_of
+    from flowbp_train.weights import HASHES_FILE, sha256_of
 
     package = {p.name: sha256_of(p) for p in WEIGHTS_DIR.iterdir() if p.is_file()}
     for cmd in ("pretrain", "train-reward", "train-judge"):
@@ -546,12 +547,11 @@ def test_flow_sigmas_bad_arguments(args, kw, needle):
 
 
 def test_lora_targets_that_match_nothing_fail_before_the_reward_loads(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "tests" / "train"))
-    from tiny import tiny_adapter
-
     import flowbp_train.rewards as rewards
     from flowbp_train.config import ConfigError, from_dict
     from flowbp_train.trainer import Trainer
+
+    from helpers.pipelines import tiny_adapter
 
     monkeypatch.setattr(rewards, "get_reward", lambda *a, **k: pytest.fail("the reward was built first"))
     cfg = from_dict(dict(family="sd3", pretrained_model_name_or_path="tiny", num_steps=6, resolution=16,

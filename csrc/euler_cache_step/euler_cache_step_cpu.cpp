@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../common.h"
+#include "euler_cache_step.h"
 
 namespace flowbp {
 namespace {
@@ -93,22 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cpu(
   check_euler_cache_step_args(x_in, v_in, h, fmt, latent_dtype, write_data);
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const auto wd = working_dtype(x.scalar_type());
-  at::Tensor x_next = at::empty(x.sizes(), x.options().dtype(wd));
-  const std::vector<int64_t> none{0};
-  at::Tensor x_cached = at::empty(write_cached ? x.sizes() : at::IntArrayRef(none), x.options().dtype(latent_dtype));
-  at::Tensor v_data, v_scale;
-  if (fmt == kFormatFp32) {
-    v_data = at::empty(write_data ? x.sizes() : at::IntArrayRef(none), x.options().dtype(working_dtype(v.scalar_type())));
-    v_scale = at::empty({0}, x.options().dtype(at::kFloat));
-  } else if (fmt == kFormatBf16) {
-    v_data = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
-    v_scale = at::empty({0}, x.options().dtype(at::kFloat));
-  } else {
-    v_data = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
-    auto ssize = x.sizes().vec();
-    ssize.back() = 1;
-    v_scale = at::empty(ssize, x.options().dtype(at::kFloat));
-  }
+  at::Tensor x_next, x_cached, v_data, v_scale;
+  std::tie(x_next, x_cached, v_data, v_scale) =
+      euler_cache_step_outputs(x, v, fmt, latent_dtype, write_cached, write_data);
   if (x.numel() == 0) return {x_next, x_cached, v_data, v_scale};
   if (wd == at::kDouble) {
     euler_rows<double>(x, v, h, fmt, write_cached, write_data, x_next, x_cached, v_data, v_scale);

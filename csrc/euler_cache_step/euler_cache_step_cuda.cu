@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../cuda_common.cuh"
+#include "euler_cache_step.h"
 
 namespace flowbp {
 namespace {
@@ -122,20 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> euler_cache_step_cuda
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const auto wd = working_dtype(x.scalar_type());
-  at::Tensor x_next = at::empty(x.sizes(), x.options().dtype(wd));
-  const std::vector<int64_t> none{0};
-  at::Tensor x_cached = at::empty(write_cached ? x.sizes() : at::IntArrayRef(none), x.options().dtype(latent_dtype));
-  at::Tensor v_data, v_scale = at::empty({0}, x.options().dtype(at::kFloat));
-  if (fmt == kFormatFp32) {
-    v_data = at::empty(write_data ? x.sizes() : at::IntArrayRef(none), x.options().dtype(working_dtype(v.scalar_type())));
-  } else if (fmt == kFormatBf16) {
-    v_data = at::empty(x.sizes(), x.options().dtype(at::kBFloat16));
-  } else {
-    v_data = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
-    auto ssize = x.sizes().vec();
-    ssize.back() = 1;
-    v_scale = at::empty(ssize, x.options().dtype(at::kFloat));
-  }
+  at::Tensor x_next, x_cached, v_data, v_scale;
+  std::tie(x_next, x_cached, v_data, v_scale) =
+      euler_cache_step_outputs(x, v, fmt, latent_dtype, write_cached, write_data);
   const int64_t n = x.numel();
   if (n == 0) return {x_next, x_cached, v_data, v_scale};
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -10,7 +10,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../common.h"
+#include "lagrange_leap.h"
 
 namespace flowbp {
 namespace {
@@ -85,33 +85,18 @@ void leap(const at::Tensor& anchor, const std::vector<at::Tensor>& nodes, c10::A
   }
 }
 
-constexpr const char* kOp = "flowbp::lagrange_leap_fwd";
-
 std::tuple<at::Tensor, at::Tensor> lagrange_leap_fwd_cpu(const at::Tensor& anchor_in, at::TensorList nodes_in,
                                                          at::ArrayRef<double> weights,
                                                          const std::optional<at::Tensor>& target_in,
                                                          const std::optional<at::Tensor>& base_in) {
   TORCH_CHECK(anchor_in.device().is_cpu(), "flowbp::lagrange_leap_fwd: anchor must be on CPU");
-  TORCH_CHECK(anchor_in.dim() >= 1, "flowbp::lagrange_leap_fwd: anchor needs a batch dimension");
-  TORCH_CHECK(nodes_in.size() == weights.size(), "flowbp::lagrange_leap_fwd: one weight per node expected, got ",
-              weights.size(), " weights for ", nodes_in.size(), " nodes");
-  check_like(kOp, "anchor", anchor_in, anchor_in);
-  for (double w : weights) TORCH_CHECK(std::isfinite(w), "flowbp::lagrange_leap_fwd: weights must be finite");
+  check_lagrange_leap_fwd_args(anchor_in, nodes_in, weights, target_in, base_in);
   std::vector<at::Tensor> nodes;
-  for (const auto& u : nodes_in) {
-    check_like(kOp, "nodes[m]", u, anchor_in);
-    nodes.push_back(u.contiguous());
-  }
+  for (const auto& u : nodes_in) nodes.push_back(u.contiguous());
   at::Tensor anchor = anchor_in.contiguous();
   at::Tensor target, base;
-  if (target_in) {
-    check_like(kOp, "target", *target_in, anchor_in);
-    target = target_in->contiguous();
-  }
-  if (base_in) {
-    check_like(kOp, "base", *base_in, anchor_in);
-    base = base_in->contiguous();
-  }
+  if (target_in) target = target_in->contiguous();
+  if (base_in) base = base_in->contiguous();
   const auto wd = working_dtype(anchor.scalar_type());
   at::Tensor out = at::empty(anchor.sizes(), anchor.options().dtype(wd));
   at::Tensor residual = at::empty({target_in ? anchor.size(0) : 0}, anchor.options().dtype(wd));

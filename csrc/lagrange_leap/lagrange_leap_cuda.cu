@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../cuda_common.cuh"
+#include "lagrange_leap.h"
 
 namespace flowbp {
 namespace {
@@ -77,8 +78,6 @@ __global__ void __launch_bounds__(kThreads) residual_kernel(const double* __rest
   if (threadIdx.x == 0) residual[b] = static_cast<W>(s / static_cast<double>(per));
 }
 
-constexpr const char* kOp = "flowbp::lagrange_leap_fwd";
-
 template <typename W, typename S, typename U>
 void launch_leap(bool vector, dim3 grid, cudaStream_t stream, Operand a, Operand bs, const Nodes<W>& nd, Operand t,
                  int64_t per, W* out, double* partial) {
@@ -96,28 +95,15 @@ std::tuple<at::Tensor, at::Tensor> lagrange_leap_fwd_cuda(const at::Tensor& anch
                                                           const std::optional<at::Tensor>& target_in,
                                                           const std::optional<at::Tensor>& base_in) {
   TORCH_CHECK(anchor_in.is_cuda(), "flowbp::lagrange_leap_fwd: anchor must be a CUDA tensor");
-  TORCH_CHECK(anchor_in.dim() >= 1, "flowbp::lagrange_leap_fwd: anchor needs a batch dimension");
-  TORCH_CHECK(nodes_in.size() == weights.size(), "flowbp::lagrange_leap_fwd: one weight per node expected, got ",
-              weights.size(), " weights for ", nodes_in.size(), " nodes");
-  check_like(kOp, "anchor", anchor_in, anchor_in);
-  for (double w : weights) TORCH_CHECK(std::isfinite(w), "flowbp::lagrange_leap_fwd: weights must be finite");
+  check_lagrange_leap_fwd_args(anchor_in, nodes_in, weights, target_in, base_in);
   const c10::cuda::CUDAGuard guard(anchor_in.device());
   const auto wd = working_dtype(anchor_in.scalar_type());
   const at::Tensor anchor = anchor_in.contiguous();
   std::vector<at::Tensor> nodes;
-  for (const auto& u : nodes_in) {
-    check_like(kOp, "nodes[m]", u, anchor_in);
-    nodes.push_back(u.contiguous());
-  }
+  for (const auto& u : nodes_in) nodes.push_back(u.contiguous());
   at::Tensor target, base;
-  if (target_in) {
-    check_like(kOp, "target", *target_in, anchor_in);
-    target = target_in->contiguous();
-  }
-  if (base_in) {
-    check_like(kOp, "base", *base_in, anchor_in);
-    base = base_in->contiguous();
-  }
+  if (target_in) target = target_in->contiguous();
+  if (base_in) base = base_in->contiguous();
   const int64_t batch = anchor.size(0);
   const int64_t per = batch == 0 ? 0 : anchor.numel() / batch;
   const int64_t p = static_cast<int64_t>(nodes.size());

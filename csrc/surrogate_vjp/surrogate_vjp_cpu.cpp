@@ -8,7 +8,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../common.h"
+#include "surrogate_vjp.h"
 
 namespace flowbp {
 namespace {
@@ -48,12 +48,6 @@ void vjp(const at::Tensor& up, const at::Tensor* adj, c10::ArrayRef<double> coef
       }
     }
   });
-}
-
-std::vector<int64_t> stacked_size(const at::Tensor& t, int64_t p) {
-  std::vector<int64_t> s{p};
-  for (auto d : t.sizes()) s.push_back(d);
-  return s;
 }
 
 at::Tensor surrogate_vjp_cpu(const at::Tensor& up_in, const std::optional<at::Tensor>& adj_in,

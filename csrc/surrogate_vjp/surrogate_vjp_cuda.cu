@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../cuda_common.cuh"
+#include "surrogate_vjp.h"
 
 namespace flowbp {
 namespace {
@@ -58,9 +59,7 @@ at::Tensor surrogate_vjp_cuda(const at::Tensor& up_in, const std::optional<at::T
     wide = wide || adj.scalar_type() == at::kDouble;
   }
   const int64_t p = static_cast<int64_t>(coefs.size());
-  std::vector<int64_t> size{p};
-  for (auto d : up.sizes()) size.push_back(d);
-  at::Tensor out = at::empty(size, up.options().dtype(out_dtype));
+  at::Tensor out = at::empty(stacked_size(up, p), up.options().dtype(out_dtype));
   const int64_t n = up.numel();
   if (p == 0 || n == 0) return out;
   auto stream = at::cuda::getCurrentCUDAStream();

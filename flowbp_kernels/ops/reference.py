@@ -123,7 +123,3 @@ def surrogate_vjp_ref(
     out = torch.stack([float(c) * total for c in coefs]) if len(coefs) else total.new_empty((0, *total.shape))
     return out.to(out_dtype or upstream.dtype)
 
-
-def grad_scale_ref(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """``sg(x) + scale * (x - sg(x))`` written as autograd would see it (value x up to rounding)."""
-    return x.detach() + scale * (x - x.detach())

@@ -1,4 +1,5 @@
-"""Bit-exact conversions shared by the Triton kernels (same roundings as c10 and csrc/common.h).
+"""Bit-exact conversions shared by the Triton kernels (the roundings of c10 and of csrc/common.h and
+csrc/euler_cache_step/euler_cache_step.h).
 
 bf16 <-> fp32 by shifts (round to nearest even, NaN -> 0x7FC0), fp32 -> e4m3fn by the c10 algorithm
 (subnormals by adding 2^14, normals by integer rounding of the mantissa; NaN -> NaN, and magnitudes from

@@ -4,7 +4,7 @@
 in diffusers' format; full fine-tuning: ``transformer/``), ``optimizer.pt``, ``scheduler.pt``, ``ema.pt``
 (when used), ``random_states.safetensors`` (python, numpy, torch, CUDA and every named generator, as
 tensors) and ``trainer_state.json``; under several ranks the weights, optimizer and EMA are per-rank
-safetensors shards (``flowbp_train.distributed.save_sharded``). ``manifest.json`` is written last: every
+safetensors shards (:func:`save_sharded`). ``manifest.json`` is written last: every
 file's size and sha256, the step and a hash of the config. Everything goes into a hidden temporary
 folder, fsynced, then renamed, so a killed run never leaves a half checkpoint. Nothing is unpickled:
 JSON, safetensors, or ``torch.load(weights_only=True)``; every failure is one line naming the file.
@@ -12,6 +12,7 @@ JSON, safetensors, or ``torch.load(weights_only=True)``; every failure is one li
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,16 +25,18 @@ from pathlib import Path
 
 import torch
 
+from flowbp_train import distributed as D
+from flowbp_train import weights as W
+from flowbp_train.weights import WeightsError
+
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 RNG_FILE = "random_states.safetensors"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 MANIFEST_FORMAT = "flowbp-checkpoint"
 MANIFEST_VERSION = 1
 TMP_PREFIX = ".tmp-checkpoint-"
 OLD_PREFIX = ".old-checkpoint-"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-_HASH_CHUNK = 1 << 20
 
 
 class CheckpointError(ValueError):
@@ -68,17 +71,19 @@ def resolve_checkpoint(output_dir: str | os.PathLike, spec: str | None) -> Path 
 
 
 # ------------------------------------------------------------------------------------ safe reading
+@contextlib.contextmanager
+def _checkpoint_errors():
+    """A weights file that cannot be read is a checkpoint that cannot be resumed (same one-line message)."""
+    try:
+        yield
+    except WeightsError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def read_json(path: Path, what: str = "checkpoint file") -> dict:
     """A JSON object from ``path``; CheckpointError naming the file otherwise."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{path} is not a valid {what} (not JSON: {' '.join(str(exc).split())})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} is not a valid {what} (expected a JSON object)")
-    return data
+    with _checkpoint_errors():
+        return W.read_json(path, what)
 
 
 def torch_load(path: Path, map_location="cpu"):
@@ -93,14 +98,9 @@ def torch_load(path: Path, map_location="cpu"):
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except Exception as exc:  # noqa: BLE001 - a damaged header or data: refuse the file
-        raise CheckpointError(f"{path} is not a valid safetensors file ({' '.join(str(exc).split())[:200]})") from None
+    """The tensors of a safetensors file of a checkpoint; CheckpointError naming it when damaged."""
+    with _checkpoint_errors():
+        return W.read_safetensors(path)
 
 
 # ------------------------------------------------------------------------------------ RNG states
@@ -231,14 +231,6 @@ def write_json(path: Path, obj) -> None:
 
 
 # ------------------------------------------------------------------------------------ the manifest
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def config_hash(config: dict) -> str:
     """sha256 of the config's canonical JSON (sorted keys)."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
@@ -250,7 +242,7 @@ def _files_of(folder: Path) -> list[str]:
 
 def file_entries(folder: Path, names: list[str]) -> dict[str, dict]:
     """``{name: {"size", "sha256"}}`` of files of ``folder``."""
-    return {n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names}
+    return {n: {"size": (folder / n).stat().st_size, "sha256": W.sha256_of(folder / n)} for n in names}
 
 
 def write_manifest(folder: Path, step: int, cfg_hash: str, world_size: int = 1,
@@ -306,7 +298,7 @@ def verify_files(folder: Path, man: dict, names: list[str] | None = None, *, has
         if st.st_size != entry["size"]:
             raise CheckpointError(f"{path} has {st.st_size} bytes, {MANIFEST_FILE} says {entry['size']} "
                                   f"(truncated or replaced)")
-        if hash_files and sha256_file(path) != entry["sha256"]:
+        if hash_files and W.sha256_of(path) != entry["sha256"]:
             raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST_FILE} (corrupted or replaced)")
         if name.endswith(".safetensors"):
             check_safetensors_header(path, st.st_size)
@@ -458,7 +450,8 @@ def load_checkpoint(
                               f"resume it with as many ranks")
     if ema is not None and "ema.pt" not in man["files"]:
         raise CheckpointError(f"{folder / 'ema.pt'} is missing (use_ema is on but the run had no EMA)")
-    read_weights(folder)
+    with _checkpoint_errors():
+        read_weights(folder)
     try:
         optimizer.load_state_dict(torch_load(folder / "optimizer.pt", map_location))
     except (ValueError, KeyError, RuntimeError) as exc:
@@ -479,6 +472,143 @@ def load_checkpoint(
 
 
 # ------------------------------------------------------------------------------------ several ranks
+#: the shard folder of a multi-rank checkpoint: one file per rank's shards, the replicated tensors, the layout
+SHARD_LAYOUT = "layout.json"
+REPLICATED_FILE = "replicated.safetensors"
+_SEP = "/"  # joins nested keys; parameter names never hold it
+
+
+def _flatten(obj, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested dicts and lists as ``(key path, leaf)`` pairs (``optim/state/<fqn>/exp_avg``)."""
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}{_SEP}{k}" if prefix else str(k))]
+    if isinstance(obj, list):
+        return [kv for i, v in enumerate(obj) for kv in _flatten(v, f"{prefix}{_SEP}{i}")]
+    return [(prefix, obj)]
+
+
+def _set_leaf(obj, path: str, value) -> None:
+    keys = path.split(_SEP)
+    for k in keys[:-1]:
+        obj = obj[int(k)] if isinstance(obj, list) else obj[k]
+    last = keys[-1]
+    if isinstance(obj, list):
+        obj[int(last)] = value
+    else:
+        obj[last] = value
+
+
+def _payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> dict:
+    """What a sharded checkpoint holds: the trainable weights (frozen ones come from the base model),
+    the optimizer state keyed by parameter name, and the EMA shadows; tensors sharded as the run is."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(D.unwrap(model), optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    payload = {"model": msd, "optim": osd}
+    if ema is not None:
+        payload["ema"] = {str(i): t for i, t in enumerate(ema.shadow)}
+    return payload
+
+
+def _json_value(key: str, v):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, tuple):
+        return [_json_value(key, x) for x in v]
+    raise TypeError(f"save_sharded: {key} holds a {type(v).__name__}, which a checkpoint cannot store")
+
+
+def save_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 ema=None) -> list[str]:
+    """Save the trainable weights, the optimizer state (and EMA shadows) of a wrapped model, without
+    pickles: each rank writes its local shards (``shard_<rank>.safetensors``), rank 0 the tensors every
+    rank holds whole (``replicated.safetensors``) and the layout with the non-tensor values
+    (``layout.json``). Call on every rank; returns the paths (relative to ``path``'s parent) this rank
+    wrote."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    local, replicated, layout = {}, {}, {}
+    for key, v in _flatten(_payload(model, optimizer, ema)):
+        if isinstance(v, DTensor):
+            local[key] = v.to_local().detach().to("cpu", copy=True).contiguous()
+            layout[key] = {"kind": "sharded", "shape": list(v.shape)}
+        elif isinstance(v, torch.Tensor):
+            replicated[key] = v.detach().to("cpu", copy=True).contiguous()
+            layout[key] = {"kind": "replicated", "shape": list(v.shape)}
+        else:
+            layout[key] = {"kind": "value", "value": _json_value(key, v)}
+    base = os.path.basename(folder.rstrip(os.sep))
+    save_file(local, os.path.join(folder, f"shard_{rank}.safetensors"))
+    written = [f"{base}/shard_{rank}.safetensors"]
+    if rank == 0:
+        save_file(replicated, os.path.join(folder, REPLICATED_FILE))
+        with open(os.path.join(folder, SHARD_LAYOUT), "w", encoding="utf-8") as f:
+            json.dump({"world_size": world, "entries": layout}, f, indent=1, sort_keys=True)
+        written += [f"{base}/{REPLICATED_FILE}", f"{base}/{SHARD_LAYOUT}"]
+    if dist.is_initialized():
+        dist.barrier()
+    return written
+
+
+def load_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+                 ema=None) -> None:
+    """Load what :func:`save_sharded` wrote into an identically wrapped model and optimizer (same number
+    of ranks, same strategy): every key, kind and shape must match the run's own state. Call on every
+    rank; errors name the file."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.tensor import DTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    folder = os.fspath(path)
+    layout_path = os.path.join(folder, SHARD_LAYOUT)
+    layout = read_json(Path(layout_path), "shard layout")
+    entries = layout.get("entries")
+    if layout.get("world_size") != world or not isinstance(entries, dict):
+        raise CheckpointError(f"{layout_path}: written by {layout.get('world_size')!r} ranks, this run has {world}")
+    shard_path = Path(folder, f"shard_{rank}.safetensors")
+    local, replicated = load_safetensors(shard_path), load_safetensors(Path(folder, REPLICATED_FILE))
+    payload = _payload(model, optimizer, ema)
+    flat = dict(_flatten(payload))
+    if set(flat) != set(entries):
+        diff = sorted(set(flat) ^ set(entries))
+        raise CheckpointError(f"{layout_path} does not match this run's trainable state (e.g. {diff[0]!r}); "
+                              f"resume with the same model, LoRA settings, optimizer and strategy")
+    for key, v in flat.items():
+        entry = entries[key]
+        kind = "sharded" if isinstance(v, DTensor) else "replicated" if isinstance(v, torch.Tensor) else "value"
+        stored = entry.get("kind") if isinstance(entry, dict) else entry
+        if stored != kind:
+            raise CheckpointError(f"{layout_path}: {key} is stored as {stored!r}, this run holds it {kind} "
+                                  f"(another distributed_strategy?)")
+        if kind == "value":
+            val = entry.get("value")
+            _set_leaf(payload, key, tuple(val) if isinstance(v, tuple) and isinstance(val, list) else val)
+            continue
+        src, file = (local, shard_path) if kind == "sharded" else (replicated, Path(folder, REPLICATED_FILE))
+        dst = v.to_local() if kind == "sharded" else v
+        got = src.get(key)
+        if got is None or tuple(got.shape) != tuple(dst.shape) or list(v.shape) != entry.get("shape"):
+            raise CheckpointError(f"{file}: {key} is missing or has another shape than this run's "
+                                  f"{tuple(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(got)
+    set_state_dict(D.unwrap(model), optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    if ema is not None:
+        for i, t in enumerate(ema.shadow):
+            if payload["ema"][str(i)] is not t:
+                with torch.no_grad():
+                    t.copy_(payload["ema"][str(i)])
+
+
 def save_checkpoint_distributed(
     output_dir: str | os.PathLike,
     step: int,
@@ -497,7 +627,6 @@ def save_checkpoint_distributed(
     publishes the folder."""
     import torch.distributed as dist
 
-    from flowbp_train.distributed import save_sharded
 
     rank, world = dist.get_rank(), dist.get_world_size()
     root = Path(output_dir)
@@ -552,7 +681,6 @@ def load_checkpoint_distributed(
     :func:`verify_checkpoint` result (of :func:`distributed_files`), checked on every rank by the caller."""
     import torch.distributed as dist
 
-    from flowbp_train.distributed import load_sharded
 
     folder = Path(folder)
     world, rank = dist.get_world_size(), dist.get_rank()

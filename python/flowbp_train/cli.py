@@ -6,42 +6,17 @@ errors naming the key, exit status 2) and trains; ``--dry-run`` prints the resol
 ``--plan-memory [--gpu-memory GiB]`` simulates one step and prints its GPU memory (``flowbp_train.memory``).
 ``flowbp-eval`` and ``flowbp-mini`` forward to ``flowbp_train.evaluate.main`` and
 ``flowbp_train.mini.cli.main``, imported only when called. All three report a bad argument the same way:
-one line ``<prog>: error: ...`` on stderr and exit status 2 (:class:`ArgumentParser`, :class:`UsageError`).
+one line ``<prog>: error: ...`` on stderr and exit status 2 (``flowbp_train.usage``).
 This module must not import torch: a CPU run's thread count and OpenMP wait policy
 (:mod:`flowbp_train.threads`) are set here, before torch starts its thread pool.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-
-class UsageError(ValueError):
-    """A bad command-line argument, found before any work; the message is one line naming it."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (``prog: error: ...``, exit status 2) instead of the usage
-    block plus the error; ``--help`` still prints the usage."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
-
-
-def run_main(prog: str, main, argv: list[str] | None) -> int:
-    """Call ``main(argv)``; a :class:`UsageError` becomes one line on stderr and exit status 2, and an
-    argparse exit becomes its status (so in-process callers get a return value, not SystemExit)."""
-    try:
-        return main(argv)
-    except UsageError as exc:
-        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:
-        if isinstance(exc.code, int) or exc.code is None:
-            return exc.code or 0
-        raise
+from flowbp_train.usage import ArgumentParser
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -76,7 +51,7 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         if not args.dry_run:  # every file the run needs (model folder, reward weights), before any import
-            from flowbp_train.trainer import preflight
+            from flowbp_train.preflight import preflight
 
             preflight(cfg)
     except ConfigError as exc:

@@ -87,6 +87,17 @@ DEMO_PROMPTS = (
 )
 
 
+def _mini_prompts() -> list[str]:
+    from flowbp_train.digits import all_prompts
+
+    return all_prompts()
+
+
+#: Named prompt sets (``prompts: demo``, ``prompts: mini``): the demo prompts above, and the miniature's
+#: 40 prompts (its four templates x ten digits, ``flowbp_train.digits.all_prompts``).
+PROMPT_SETS = {"demo": lambda: list(DEMO_PROMPTS), "mini": _mini_prompts}
+
+
 class ConfigError(ValueError):
     """An invalid configuration value; the message is one line and names the key."""
 
@@ -119,7 +130,7 @@ class TrainConfig:
     loss: str = "hinge"  # "hinge": mean(w relu(loss_margin - R)); "neg": -mean(w R)
     loss_margin: float = 0.55
     # data
-    prompts: Any = "demo"  # "demo", a text file (one prompt per line), or an inline list
+    prompts: Any = "demo"  # a named set ("demo", "mini"), a text file (one prompt per line), or an inline list
     train_batch_size: int = 1  # per rank
     gradient_accumulation_steps: int = 1
     # optimisation
@@ -288,20 +299,9 @@ def from_dict(values: dict, *, check: bool = True) -> TrainConfig:
 
 def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
                 *, check: bool = True) -> TrainConfig:
-    """Read a YAML recipe (optional) and apply overrides (``["key=value", ...]`` or a dict)."""
-    from flowbp_train import yamlsafe
-
-    values: dict[str, Any] = {}
-    if recipe is not None:
-        path = Path(recipe)
-        try:
-            loaded = yamlsafe.loads(yamlsafe.read_text(path, max_bytes=yamlsafe.MAX_RECIPE_BYTES)) or {}
-        except yamlsafe.YamlError as exc:
-            msg = str(exc)
-            raise ConfigError(f"recipe: {msg if str(path) in msg else f'{path}: {msg}'}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"recipe: {path} must hold a mapping of keys to values")
-        values.update(loaded)
+    """Read a YAML recipe (optional; with its ``base:`` chain, :func:`read_recipe`) and apply overrides
+    (``["key=value", ...]`` or a dict)."""
+    values: dict[str, Any] = read_recipe(recipe) if recipe is not None else {}
     if isinstance(overrides, dict):
         items = list(overrides.items())
     else:
@@ -315,10 +315,56 @@ def load_config(recipe: str | os.PathLike | None = None, overrides: list[str] | 
     return from_dict(values, check=check)
 
 
+#: A recipe's ``base:`` chain: a family's recipes name one base file; a few levels leave room for a
+#: user's recipe on top of ours, and a bound stops a runaway chain before the cycle check has to.
+MAX_BASE_DEPTH = 8
+
+
+def read_recipe(recipe: str | os.PathLike, *, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The values of a YAML recipe, its ``base:`` first: ``base: _base.yaml`` names another recipe by a
+    path relative to this one's folder; the base's values are read (with its own base, recursively), then
+    this recipe's go over them, a mapping (``method_options``, ``reward_kwargs``) merged key by key as
+    ``key=value`` overrides are. A missing base, a cycle or a chain deeper than :data:`MAX_BASE_DEPTH` is
+    one line naming the recipe. No YAML aliases: a base is a file, and what it sets is visible in it."""
+    from flowbp_train import yamlsafe
+
+    path = Path(recipe)
+    try:
+        loaded = yamlsafe.loads(yamlsafe.read_text(path, max_bytes=yamlsafe.MAX_RECIPE_BYTES)) or {}
+    except yamlsafe.YamlError as exc:
+        msg = str(exc)
+        raise ConfigError(f"recipe: {msg if str(path) in msg else f'{path}: {msg}'}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"recipe: {path} must hold a mapping of keys to values")
+    if "base" not in loaded:
+        return loaded
+    base = loaded.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"base: {path}: expected the path of another recipe, relative to {path.parent}, "
+                          f"got {base!r}")
+    base_path = path.parent / base
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, base_path.resolve()))
+        raise ConfigError(f"base: {path}: the recipes name each other as base in a cycle ({names})")
+    if len(chain) > MAX_BASE_DEPTH:
+        raise ConfigError(f"base: {path}: more than {MAX_BASE_DEPTH} levels of base recipes")
+    if not base_path.is_file():
+        raise ConfigError(f"base: {path}: no recipe {base!r} (looked for {base_path})")
+    values = read_recipe(base_path, _chain=chain)
+    for key, value in loaded.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return values
+
+
 def load_prompts(spec) -> list[str]:
-    """The training prompts: ``"demo"``, a text file (one per line, blank lines skipped) or a list."""
-    if isinstance(spec, str) and spec == "demo":
-        return list(DEMO_PROMPTS)
+    """The training prompts: a named set (:data:`PROMPT_SETS`: ``"demo"``, ``"mini"``), a text file (one
+    per line, blank lines skipped) or a list."""
+    if isinstance(spec, str) and spec in PROMPT_SETS:
+        return PROMPT_SETS[spec]()
     if isinstance(spec, (list, tuple)):
         if not all(isinstance(p, str) for p in spec):
             raise ConfigError("prompts: an inline list must hold only strings")
@@ -328,7 +374,7 @@ def load_prompts(spec) -> list[str]:
 
         path = Path(spec)
         if not path.is_file():
-            raise ConfigError(f"prompts: expected 'demo', a list or a text file; file not found: {spec}")
+            raise ConfigError(f"prompts: expected 'demo', 'mini', a list or a text file; file not found: {spec}")
         try:
             text = yamlsafe.read_text(path, max_bytes=MAX_PROMPTS_BYTES)
         except yamlsafe.YamlError as exc:
@@ -344,7 +390,7 @@ def _need(cond: bool, msg: str) -> None:
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every value (types, ranges, cross-field rules); raises ConfigError naming the key."""
-    from flowbp_kernels import EXECUTORS, METHODS, get_method
+    from flowbp_kernels import EXECUTORS, METHODS, WindowError, get_method
 
     for name in _FIELDS:  # types again: the dataclass can be built or mutated directly
         setattr(cfg, name, _coerce(name, getattr(cfg, name), _HINTS[name]))
@@ -370,18 +416,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         method = get_method(cfg.method, **cfg.method_options)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"method_options{_option_key(str(exc), cfg.method_options)}: {exc}") from None
-    window = cfg.num_steps - method.window_start(cfg.num_steps)
-    opts = method.options
-    if "num_active" in opts and cfg.method in ("flowbp-sparse", "flowbp-bridge", "draft-k", "drtune"):
-        _need(opts["num_active"] <= window,
-              f"method_options.num_active: {opts['num_active']} active steps exceed the {window} steps of the "
-              f"training window (num_steps={cfg.num_steps}, tail_ratio={opts['tail_ratio']})")
-    if cfg.method == "refl":
-        _need(opts["last_n"] <= cfg.num_steps,
-              f"method_options.last_n: {opts['last_n']} exceeds num_steps={cfg.num_steps}")
-    min_window = {"leapalign": 2, "flowbp-lagrange": 3, "flowbp-bridge": 3}.get(cfg.method, 1)
-    _need(window >= min_window, f"num_steps: {cfg.method} needs a training window of at least {min_window} steps, "
-          f"got {window} (num_steps={cfg.num_steps}, tail_ratio={opts['tail_ratio']})")
+    try:  # the method's own window rules (flowbp_kernels.Method.check)
+        method.check(cfg.num_steps)
+    except WindowError as exc:
+        raise ConfigError(f"{'' if exc.key == 'num_steps' else 'method_options.'}{exc.key}: {exc}") from None
     _need(cfg.loss in ("hinge", "neg"), f"loss: expected 'hinge' or 'neg', got {cfg.loss!r}")
     _need(math.isfinite(cfg.loss_margin), f"loss_margin: expected a finite number, got {cfg.loss_margin}")
     _need(isinstance(cfg.reward, str) and cfg.reward != "", "reward: expected a reward name, got an empty value")

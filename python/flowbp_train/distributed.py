@@ -12,11 +12,9 @@ so the sharded path calls ``fully_shard`` itself, which also lets CI test it on 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -62,15 +60,43 @@ def init_distributed(device: str = "auto") -> DistState:
     return DistState(dist.get_rank(), dist.get_world_size(), local, dev)
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (CUDA must be there)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {spec!r} requested but CUDA is not available")
+    return dev
+
+
+def process_state(device: str = "auto") -> DistState:
+    """This process: the process group joined when started by torchrun / accelerate launch (``WORLD_SIZE``
+    > 1; ``device: cpu`` keeps gloo on the CPU), else one process on ``device`` (:func:`resolve_device`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return init_distributed("cpu" if device == "cpu" else "auto")
+    return DistState(device=resolve_device(device))
+
+
+def shard_prompts(prompts: list[str], state: DistState) -> list[str]:
+    """This rank's share of the prompts (every world_size-th, starting at rank); never empty."""
+    return prompts[state.rank :: state.world_size] or prompts
+
+
+def sync_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """Average gradients across ranks by hand (``distributed_strategy: none`` under torchrun only; DDP
+    and FSDP2 reduce during the executor's last node backward)."""
+    if world_size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+
 def cleanup() -> None:
     """Destroy the process group (call at exit, also after an error)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def shard(items: list, state: DistState) -> list:
-    """This rank's share of a global list: every ``world_size``-th item starting at ``rank``."""
-    return items[state.rank :: state.world_size]
 
 
 def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -151,148 +177,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-SHARD_LAYOUT = "layout.json"
-REPLICATED_FILE = "replicated.safetensors"
-_SEP = "/"  # joins nested keys; parameter names never hold it
-
-
-def _flatten(obj, prefix: str = "") -> list[tuple[str, object]]:
-    """Nested dicts and lists as ``(key path, leaf)`` pairs (``optim/state/<fqn>/exp_avg``)."""
-    if isinstance(obj, dict):
-        return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}{_SEP}{k}" if prefix else str(k))]
-    if isinstance(obj, list):
-        return [kv for i, v in enumerate(obj) for kv in _flatten(v, f"{prefix}{_SEP}{i}")]
-    return [(prefix, obj)]
-
-
-def _set_leaf(obj, path: str, value) -> None:
-    keys = path.split(_SEP)
-    for k in keys[:-1]:
-        obj = obj[int(k)] if isinstance(obj, list) else obj[k]
-    last = keys[-1]
-    if isinstance(obj, list):
-        obj[int(last)] = value
-    else:
-        obj[last] = value
-
-
-def _payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> dict:
-    """What a sharded checkpoint holds: the trainable weights (frozen ones come from the base model),
-    the optimizer state keyed by parameter name, and the EMA shadows; tensors sharded as the run is."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    msd, osd = get_state_dict(unwrap(model), optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    payload = {"model": msd, "optim": osd}
-    if ema is not None:
-        payload["ema"] = {str(i): t for i, t in enumerate(ema.shadow)}
-    return payload
-
-
-def _json_value(key: str, v):
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, tuple):
-        return [_json_value(key, x) for x in v]
-    raise TypeError(f"save_sharded: {key} holds a {type(v).__name__}, which a checkpoint cannot store")
-
-
-def save_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 extra: dict | None = None, *, ema=None) -> list[str]:
-    """Save the trainable weights, the optimizer state (and EMA shadows) of a wrapped model, without
-    pickles: each rank writes its local shards (``shard_<rank>.safetensors``), rank 0 the tensors every
-    rank holds whole (``replicated.safetensors``) and the layout with the non-tensor values
-    (``layout.json``). ``extra``: small JSON state saved by rank 0 (``extra_state.json``). Call on every
-    rank; returns the paths (relative to ``path``'s parent) this rank wrote."""
-    from safetensors.torch import save_file
-    from torch.distributed.tensor import DTensor
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    folder = os.fspath(path)
-    os.makedirs(folder, exist_ok=True)
-    local, replicated, layout = {}, {}, {}
-    for key, v in _flatten(_payload(model, optimizer, ema)):
-        if isinstance(v, DTensor):
-            local[key] = v.to_local().detach().to("cpu", copy=True).contiguous()
-            layout[key] = {"kind": "sharded", "shape": list(v.shape)}
-        elif isinstance(v, torch.Tensor):
-            replicated[key] = v.detach().to("cpu", copy=True).contiguous()
-            layout[key] = {"kind": "replicated", "shape": list(v.shape)}
-        else:
-            layout[key] = {"kind": "value", "value": _json_value(key, v)}
-    base = os.path.basename(folder.rstrip(os.sep))
-    save_file(local, os.path.join(folder, f"shard_{rank}.safetensors"))
-    written = [f"{base}/shard_{rank}.safetensors"]
-    if rank == 0:
-        save_file(replicated, os.path.join(folder, REPLICATED_FILE))
-        with open(os.path.join(folder, SHARD_LAYOUT), "w", encoding="utf-8") as f:
-            json.dump({"world_size": world, "entries": layout}, f, indent=1, sort_keys=True)
-        written += [f"{base}/{REPLICATED_FILE}", f"{base}/{SHARD_LAYOUT}"]
-        if extra is not None:
-            with open(os.path.join(folder, "extra_state.json"), "w", encoding="utf-8") as f:
-                json.dump(extra, f)
-            written.append(f"{base}/extra_state.json")
-    if dist.is_initialized():
-        dist.barrier()
-    return written
-
-
-def load_sharded(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 ema=None) -> dict | None:
-    """Load what :func:`save_sharded` wrote into an identically wrapped model and optimizer (same number
-    of ranks, same strategy): every key, kind and shape must match the run's own state. Returns the
-    ``extra`` state (or None). Call on every rank; errors name the file."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    from torch.distributed.tensor import DTensor
-
-    from flowbp_train.checkpoint import CheckpointError, load_safetensors, read_json
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    folder = os.fspath(path)
-    layout_path = os.path.join(folder, SHARD_LAYOUT)
-    layout = read_json(Path(layout_path), "shard layout")
-    entries = layout.get("entries")
-    if layout.get("world_size") != world or not isinstance(entries, dict):
-        raise CheckpointError(f"{layout_path}: written by {layout.get('world_size')!r} ranks, this run has {world}")
-    shard_path = Path(folder, f"shard_{rank}.safetensors")
-    local, replicated = load_safetensors(shard_path), load_safetensors(Path(folder, REPLICATED_FILE))
-    payload = _payload(model, optimizer, ema)
-    flat = dict(_flatten(payload))
-    if set(flat) != set(entries):
-        diff = sorted(set(flat) ^ set(entries))
-        raise CheckpointError(f"{layout_path} does not match this run's trainable state (e.g. {diff[0]!r}); "
-                              f"resume with the same model, LoRA settings, optimizer and strategy")
-    for key, v in flat.items():
-        entry = entries[key]
-        kind = "sharded" if isinstance(v, DTensor) else "replicated" if isinstance(v, torch.Tensor) else "value"
-        stored = entry.get("kind") if isinstance(entry, dict) else entry
-        if stored != kind:
-            raise CheckpointError(f"{layout_path}: {key} is stored as {stored!r}, this run holds it {kind} "
-                                  f"(another distributed_strategy?)")
-        if kind == "value":
-            val = entry.get("value")
-            _set_leaf(payload, key, tuple(val) if isinstance(v, tuple) and isinstance(val, list) else val)
-            continue
-        src, file = (local, shard_path) if kind == "sharded" else (replicated, Path(folder, REPLICATED_FILE))
-        dst = v.to_local() if kind == "sharded" else v
-        got = src.get(key)
-        if got is None or tuple(got.shape) != tuple(dst.shape) or list(v.shape) != entry.get("shape"):
-            raise CheckpointError(f"{file}: {key} is missing or has another shape than this run's "
-                                  f"{tuple(dst.shape)}")
-        with torch.no_grad():
-            dst.copy_(got)
-    set_state_dict(unwrap(model), optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    if ema is not None:
-        for i, t in enumerate(ema.shadow):
-            if payload["ema"][str(i)] is not t:
-                with torch.no_grad():
-                    t.copy_(payload["ema"][str(i)])
-    extra_path = Path(folder, "extra_state.json")
-    return read_json(extra_path, "extra state") if extra_path.is_file() else None
 
 
 def raise_if_any(error: str | None, exc_type: type[Exception], state: DistState) -> None:

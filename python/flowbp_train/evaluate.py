@@ -8,7 +8,8 @@ in ``output_dir``: ``images/<index>.png``, ``scores.csv`` (one row per prompt), 
 standard error ``std(ddof=1) / sqrt(n)`` per reward), ``grid.png``; given other runs, ``comparison.md``
 and ``comparison.png``. Resumable: prompts already scored are skipped. The paper's protocol: train on one
 reward (HPSv2.1) and report held-out rewards (PickScore, ImageReward) as a reward-hacking monitor.
-GenEval-style detector metrics are out of scope.
+GenEval-style detector metrics are out of scope. :func:`sample_images` writes the trainer's end-of-run
+samples (``output_dir/samples/``) the same way: rollout, decode, 8-bit PNG.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from flowbp_train.models.base import FlowAdapter
 from flowbp_train.rewards import Reward, get_reward
 
 __all__ = ["EVAL_PROTOCOL", "compare_runs", "evaluate", "load_prompts", "main", "parse_reward_spec", "protocol",
-           "summarize"]
+           "sample_images", "summarize"]
 
 CSV_NAME, SUMMARY_NAME, GRID_NAME = "scores.csv", "summary.json", "grid.png"
 FIXED_COLUMNS = ["index", "seed", "prompt", "image"]
@@ -218,10 +219,8 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
     from PIL import Image
 
     to_sample = [prompt_list[i] for i in todo if not (out / "images" / f"{i:05d}.png").is_file()]
-    for start in range(0, len(to_sample), batch_size):  # every prompt once, then free the text encoders
-        adapter.encode_prompts(to_sample[start:start + batch_size])
-    if to_sample:
-        adapter.offload_text_encoders()
+    if to_sample:  # every prompt once, then free the text encoders
+        adapter.encode_all(to_sample, batch_size)
         if progress and getattr(adapter, "encoded_prompts", 0):
             import sys
 
@@ -277,6 +276,34 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
     if compare_with:
         compare_runs([out, *compare_with], out)
     return summary
+
+
+@torch.no_grad()
+def sample_images(adapter: FlowAdapter, prompts: Sequence[str], folder: str | os.PathLike, *, num_steps: int,
+                  seed: int, latent_dtype: torch.dtype = torch.float32, write: bool = True) -> list[Path]:
+    """The trainer's end-of-run samples: Euler samples (``num_steps``) of ``prompts`` one at a time, the
+    noise drawn from one generator seeded ``seed``, as ``folder/sample_<i>.png`` plus ``prompts.txt``.
+    ``write``: False on every rank but 0 (under FSDP2 every rank samples: its forwards are collective)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+    sigmas = adapter.sigmas(num_steps)
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for i, prompt in enumerate(prompts):
+        batch = adapter.encode_prompts([prompt])
+        ro = rollout(adapter.velocity_fn(batch, sigmas), adapter.initial_noise(1, generator=gen), sigmas,
+                     latent_dtype=latent_dtype)
+        img = adapter.decode(ro.sample)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        path = folder / f"sample_{i:02d}.png"
+        if write:
+            Image.fromarray(img).save(path)
+        paths.append(path)
+    if write:
+        (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return paths
 
 
 def _fmt(s: dict | None) -> str:
@@ -343,27 +370,6 @@ def parse_reward_spec(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def _load_transformer_weights(adapter: FlowAdapter, path: str) -> None:
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"--transformer: no *.safetensors in {path!r}")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise FileNotFoundError(f"--transformer: no such file or directory {path!r}")
-    state: dict = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state.update(load_file(str(f)))
-        else:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-    adapter.transformer.load_state_dict(state)
-
-
 def protocol(family: str, **given) -> dict:
     """The sampling settings of ``family``'s evaluation protocol (:data:`EVAL_PROTOCOL`) with every value
     in ``given`` that is not None on top: ``num_steps``, ``guidance_scale``, ``resolution``, ``dtype``."""
@@ -378,7 +384,7 @@ def protocol(family: str, **given) -> dict:
 def _load_lora(adapter: FlowAdapter, path: str, weights: str = "auto") -> dict:
     """Attach the LoRA of ``path`` (a file, a run folder or ``checkpoint-N``: its EMA weights when it has
     them, unless ``weights`` says otherwise); returns what was loaded, for the summary."""
-    from flowbp_train.lora_files import read_lora_metadata, resolve_lora_file
+    from flowbp_train.weights import read_lora_metadata, resolve_lora_file
 
     file, kind = resolve_lora_file(path, weights)
     _, info = read_lora_metadata(file)
@@ -393,9 +399,9 @@ def _load_lora(adapter: FlowAdapter, path: str, weights: str = "auto") -> dict:
 def _check_files(family: str, model: str, specs: list[tuple[str, dict]], prompts: str, *, lora: str | None = None,
                  lora_weights: str = "auto", transformer: str | None = None) -> None:
     """Every file the evaluation needs, before anything heavy loads (one line naming the argument)."""
-    from flowbp_train.lora_files import resolve_lora_file
     from flowbp_train.models import adapter_class
     from flowbp_train.rewards import check_reward_files
+    from flowbp_train.weights import resolve_lora_file
 
     load_prompts(prompts)
     if lora is not None:
@@ -411,9 +417,9 @@ def _check_files(family: str, model: str, specs: list[tuple[str, dict]], prompts
 
 def _check_args(a, specs: list[tuple[str, dict]]) -> None:
     """Every argument before any model loads; raises UsageError (one line naming the argument)."""
-    from flowbp_train.cli import UsageError
     from flowbp_train.config import MAX_BATCH, MAX_SAMPLE_STEPS, MAX_SEED, ConfigError, check_device, check_reward
     from flowbp_train.models import ADAPTERS
+    from flowbp_train.usage import UsageError
 
     if a.family not in ADAPTERS:
         raise UsageError(f"--family: expected one of {', '.join(sorted(ADAPTERS))}, got {a.family!r}")
@@ -450,7 +456,7 @@ def _check_args(a, specs: list[tuple[str, dict]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The ``flowbp-eval`` command line; ``flowbp-eval compare RUN... --output-dir D`` compares runs. A bad
     argument is one line on stderr and exit status 2."""
-    from flowbp_train.cli import run_main
+    from flowbp_train.usage import run_main
 
     return run_main("flowbp-eval", _main, argv)
 
@@ -458,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     import sys
 
-    from flowbp_train.cli import ArgumentParser, UsageError
+    from flowbp_train.usage import ArgumentParser, UsageError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["compare"]:
@@ -530,7 +536,9 @@ def _main(argv: list[str] | None = None) -> int:
     adapter = build_adapter(a.family, a.model, device=a.device, dtype=DTYPES[a.dtype], **kw)
     weights = None
     if a.transformer:
-        _load_transformer_weights(adapter, a.transformer)
+        from flowbp_train.weights import load_transformer_weights
+
+        load_transformer_weights(adapter.transformer, a.transformer)
         weights = {"kind": "transformer", "path": str(a.transformer)}
     if a.lora:
         lora = _load_lora(adapter, a.lora, a.lora_weights)

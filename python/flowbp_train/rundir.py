@@ -5,7 +5,8 @@ host and start time of its owner: a second run into the folder fails at once nam
 whose process is gone (same host, pid not alive or reused) is taken over. :func:`resume_changes` compares
 the config saved in a checkpoint with the new one: keys of ``config.RESUME_FIXED_KEYS`` must not change
 (unless ``resume_allow_changes``), the others are applied by :func:`apply_resumed_settings`, which makes
-a new learning rate, betas, epsilon, weight decay or EMA decay win over the values the checkpoint restored.
+a new learning rate, betas, epsilon, weight decay or EMA decay win over the values the checkpoint restored,
+and :func:`record_resume_changes` says what changed (a warning and ``logs/resume_log.jsonl``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 import socket
 import time
 import uuid
+import warnings
+import weakref
 from pathlib import Path
 
 LOCK_FILE = ".flowbp.lock"
@@ -150,6 +153,21 @@ class OutputDirLock:
         self.release()
 
 
+def claim(owner, folder: str | os.PathLike, state):
+    """Lock ``folder`` for ``owner`` (a Trainer) with :func:`claim_output_dir`; returns the release, a callable
+    that runs once: when called, or when ``owner`` is garbage-collected without calling it."""
+    lock, held = OutputDirLock(folder), {"held": False}
+    release = weakref.finalize(owner, _release_held, lock, held)
+    held["held"] = claim_output_dir(lock, state)
+    return release
+
+
+def _release_held(lock: OutputDirLock, held: dict) -> None:
+    if held["held"]:
+        held["held"] = False
+        lock.release()
+
+
 def claim_output_dir(lock: OutputDirLock, state) -> bool:
     """Take ``lock`` on rank 0 and remove the temporary folders a killed run left there; every rank raises
     OutputDirBusy if the folder is busy (``state``: the run's ``distributed.DistState``). Returns whether
@@ -175,8 +193,6 @@ def find_resume(output_dir: Path, cfg, state) -> tuple[Path, tuple[dict, dict], 
     hashes of the files this rank reads, trainer state) and compared with ``cfg``: ``(folder,
     (manifest, trainer_state), changes)``, or None when there is nothing to resume. Raises CheckpointError
     (on every rank when one fails) or ConfigError (a fixed key changed, another strategy)."""
-    import warnings
-
     from flowbp_train import checkpoint as ckpt
     from flowbp_train import distributed as D
     from flowbp_train.config import ConfigError
@@ -243,6 +259,20 @@ def apply_resumed_settings(optimizer, lr_scheduler, ema, cfg) -> None:
         lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     if ema is not None:
         ema.decay = cfg.ema_decay
+
+
+def record_resume_changes(log_dir: Path, folder: Path, step: int, changes: dict[str, tuple]) -> None:
+    """Say which settings a resume changed (a warning, and one line of ``log_dir/resume_log.jsonl``);
+    nothing when only ``resume_from_checkpoint`` differs."""
+    changed = {k: v for k, v in changes.items() if k not in ("resume_from_checkpoint",)}
+    if not changed:
+        return
+    lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    warnings.warn(f"resumed {folder} at step {step} with changed settings: {lines}", stacklevel=3)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "resume_log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "checkpoint": str(folder),
+                            "changed": {k: list(v) for k, v in changed.items()}}, default=str) + "\n")
 
 
 def cut_log(path: Path, step: int) -> int:

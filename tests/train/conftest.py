@@ -1,31 +1,23 @@
-"""Fixtures of the trainer tests: torch reference ops, the suite's thread count, a tiny differentiable reward."""
+"""Fixtures of the trainer tests (the backend and thread policy is tests/conftest.py's): the miniature's
+reward CNN and held-out judge, loaded once (``digit_reward``, ``digit_judge``; the rewards' and the
+miniature's tests use them)."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
-import torch
-from _tolerance import TEST_THREADS
-
-sys.path.insert(0, os.path.dirname(__file__))  # tiny.py
 
 
-@pytest.fixture(autouse=True)
-def _quiet_and_reference(monkeypatch):
-    # the trainer is under test here, not the kernels: use the torch reference ops (no JIT builds)
-    monkeypatch.setenv("FLOWBP_BACKEND", "torch")
-    monkeypatch.setenv("FLOWBP_JIT", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TEST_THREADS)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="session")
+def digit_reward():
+    pytest.importorskip("safetensors", reason="the miniature's weights are safetensors")
+    from flowbp_train.rewards.mini import DigitReward
+
+    return DigitReward()
 
 
-from tiny import PixelReward  # noqa: E402
+@pytest.fixture(scope="session")
+def digit_judge():
+    pytest.importorskip("sklearn", reason="the miniature's judge is checked against scikit-learn")
+    from flowbp_train.rewards.mini import DigitJudge
 
-
-@pytest.fixture
-def reward():
-    return PixelReward()
+    return DigitJudge()

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from _tolerance import TEST_THREADS
-from tiny import PixelReward, tiny_adapter
 
 from flowbp_train import checkpoint as ckpt
 from flowbp_train import rundir
 from flowbp_train.config import ConfigError, from_dict
 from flowbp_train.trainer import Trainer, train
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
+from helpers.pipelines import PixelReward, tiny_adapter
+from helpers.tolerance import TEST_THREADS
 
 
 def config(out, **kw):

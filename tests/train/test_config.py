@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from flowbp_train.cli import train_main
 from flowbp_train.config import ConfigError, TrainConfig, load_config, load_prompts
 
-ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted(p for fam in ("flux1", "sd3", "flux2") for p in (ROOT / "recipes" / fam).glob("*.yaml"))
+from helpers import ROOT
+
+#: the runnable recipes (``_base.yaml`` files hold what a family's recipes share)
+RECIPES = sorted(p for fam in ("flux1", "sd3", "flux2") for p in (ROOT / "recipes" / fam).glob("*.yaml")
+                 if not p.name.startswith("_"))
 OK = ["pretrained_model_name_or_path=/models/x"]
 
 
@@ -68,6 +69,60 @@ def test_every_recipe_resolves(recipe, capsys):
     assert train_main([str(recipe), "pretrained_model_name_or_path=/models/x", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"method: {recipe.stem}" in out and f"family: {recipe.parent.name}" in out
+
+
+def test_recipes_resolve_as_recorded():
+    """Every recipe resolves to exactly the configuration it resolved to before the recipes were given
+    base files (``recipes_resolved.json``, recorded by ``helpers.recipes``). A named
+    prompt set stands for its list (the miniature's 40 prompts were written out before ``prompts: mini``),
+    so prompts are compared as the lists the run trains on; every other value as it is."""
+    import json
+
+    from helpers.recipes import FIXTURE, resolve_all
+
+    recorded, now = json.loads(FIXTURE.read_text()), resolve_all()
+    # 36 recipes recorded before the base files (issue 14), 18 study-task recipes recorded as full copies
+    # before they were given ``base: ../<method>.yaml`` (issue 16)
+    assert len(recorded) == 54 and set(recorded) == set(now), sorted(set(recorded) ^ set(now))
+    for name, want in recorded.items():
+        got = dict(now[name])
+        want = dict(want)
+        want["prompts"], got["prompts"] = load_prompts(want["prompts"]), load_prompts(got["prompts"])
+        assert got == want, name
+    name = "recipes/mini/flowbp-lagrange.yaml"
+    assert now[name]["prompts"] == "mini" and recorded[name]["prompts"] == load_prompts("mini")
+
+
+def test_recipe_base_chain(tmp_path, capsys):
+    """``base:`` names another recipe relative to this one; the base's values come first, a mapping is
+    merged key by key; a missing base, a cycle or a chain too deep is one line naming ``base``."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("family: sd3\nlearning_rate: 1.0e-4\nmethod_options: {alpha: 0.1, tau: 0.2}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nrank: 8\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: mid.yaml\nmethod: leapalign\nmethod_options: {tau: 0.3}\n"
+                                                "learning_rate: 2.0e-4\n")
+    cfg = load_config(tmp_path / "sub" / "leaf.yaml", OK)
+    assert (cfg.family, cfg.rank, cfg.method, cfg.learning_rate) == ("sd3", 8, "leapalign", 2e-4)
+    assert cfg.method_options == {"alpha": 0.1, "tau": 0.3}
+    assert train_main([str(tmp_path / "sub" / "leaf.yaml"), *OK, "--dry-run"]) == 0
+    out = capsys.readouterr().out  # the fully resolved recipe, base values included, no base key
+    assert "family: sd3" in out and "rank: 8" in out and "base:" not in out
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    (tmp_path / "self.yaml").write_text("base: ./self.yaml\n")
+    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+    (tmp_path / "bad.yaml").write_text("base: [a.yaml]\n")
+    for i in range(12):
+        (tmp_path / f"c{i}.yaml").write_text(f"base: c{i + 1}.yaml\n")
+    (tmp_path / "c12.yaml").write_text("rank: 4\n")
+    for name, needle in (("a.yaml", "cycle"), ("self.yaml", "cycle"), ("lost.yaml", "no recipe 'nowhere.yaml'"),
+                         ("bad.yaml", "expected the path"), ("c0.yaml", "levels of base")):
+        with pytest.raises(ConfigError) as err:
+            load_config(tmp_path / name, OK)
+        msg = str(err.value)
+        assert msg.startswith("base: ") and needle in msg and "\n" not in msg, msg
+    with pytest.raises(ConfigError, match="^base: unknown key"):
+        load_config(None, [*OK, "base=x.yaml"])  # a loader key, not a setting
 
 
 def test_recipes_cover_every_method_and_family():

@@ -25,7 +25,8 @@ import pytest
 from flowbp_train import checkpoint as ckpt
 from flowbp_train.rundir import LOCK_FILE
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
+
 RECIPE = str(ROOT / "recipes" / "mini" / "flowbp-lagrange.yaml")
 STEPS = 5
 OVERRIDES = [f"max_train_steps={STEPS}", "checkpointing_steps=1", "num_steps=4", "train_batch_size=2", "rank=2",
@@ -43,7 +44,7 @@ CHILD_THREADS = 1
 PRELOAD = ["torch", "diffusers", "peft", "flowbp_train.trainer", "flowbp_train.models.mini",
            "flowbp_train.rewards.mini", "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
            "diffusers.loaders.lora_pipeline", "diffusers.optimization", "peft.tuners.lora", "safetensors.torch",
-           "sklearn.svm", "scipy.stats", "_kill_child"]
+           "sklearn.svm", "scipy.stats", "helpers.kill_child"]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +56,10 @@ def ctx():
 
 
 def start(ctx, out: Path, extra: list[str] = ()):
-    import _kill_child
+    from helpers import kill_child
 
     recv, send = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_kill_child.run, args=(RECIPE, [*OVERRIDES, f"output_dir={out}", *extra], send,
+    p = ctx.Process(target=kill_child.run, args=(RECIPE, [*OVERRIDES, f"output_dir={out}", *extra], send,
                                                   CHILD_THREADS))
     p.start()
     send.close()

@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from tiny import PIPELINES, PixelReward, tiny_adapter
 
 from flowbp_train.config import from_dict, load_config
 from flowbp_train.memory import build, plan_memory
@@ -26,7 +24,9 @@ from flowbp_train.memory.allocator import (
 from flowbp_train.memory.simulate import simulate
 from flowbp_train.memory.tracker import MemoryTracker
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import ROOT
+from helpers.pipelines import PIPELINES, PixelReward, tiny_adapter
+
 # The real CPU run allocates a handful of 512-byte blocks that the fake run does not (0 for SD3 and 6 for
 # the FLUX families here: small index/scalar tensors the CPU kernels make that fake kernels fold away).
 # A fixed number of blocks, whatever the model size: at full size they are < 1e-6 of the peak.
@@ -155,9 +155,9 @@ def test_caching_allocator_rules():
 
 
 def test_vae_slicing_keeps_the_step_and_lowers_the_decode_peak(tmp_path, folders):
-    from tiny import tiny_adapter as make
-
     from flowbp_train.trainer import Trainer
+
+    from helpers.pipelines import tiny_adapter as make
 
     recs = {}
     for sl in (False, True):

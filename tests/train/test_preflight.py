@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
 from flowbp_train.config import ConfigError, from_dict
 from flowbp_train.models.files import check_pipeline_files
-from flowbp_train.trainer import preflight
+from flowbp_train.preflight import preflight
 
-RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "flux1" / "flowbp-lagrange.yaml")
+from helpers import ROOT
+
+RECIPE = str(ROOT / "recipes" / "flux1" / "flowbp-lagrange.yaml")
 FLUX_INDEX = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
               "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
               "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5Tokenizer"],

@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
-from tiny import PIPELINES, NaNReward, PixelReward, tiny_adapter
 
 from flowbp_kernels import METHODS
 from flowbp_train import checkpoint as ckpt
 from flowbp_train.config import from_dict
 from flowbp_train.rundir import LOCK_FILE
 from flowbp_train.trainer import Trainer, train
+
+from helpers.pipelines import PIPELINES, NaNReward, PixelReward, tiny_adapter
 
 # small windows keep every method valid with 6 steps (Lagrange needs >= 3 steps per window)
 SMALL = {"flowbp-sparse": {"num_active": 2}, "flowbp-bridge": {"num_active": 3}, "refl": {"last_n": 3},
@@ -152,7 +153,7 @@ def test_saved_lora_loads_in_the_pipeline_at_its_trained_scale(tmp_path, family)
     load_lora_weights and reproduces the trained velocity; a checkpoint holds the raw and the EMA LoRA,
     labelled, and flowbp-eval's loader takes the EMA one by default."""
     from flowbp_train.evaluate import _load_lora
-    from flowbp_train.lora_files import EMA_LORA_FILE, LORA_FILE, read_lora_metadata
+    from flowbp_train.weights import EMA_LORA_FILE, LORA_FILE, read_lora_metadata
 
     cfg = config(tmp_path, family, max_train_steps=2, learning_rate=5e-2, num_sample_images=1, sample_steps=3,
                  lora_alpha=16.0, use_ema=True, ema_decay=0.5, checkpointing_steps=2)

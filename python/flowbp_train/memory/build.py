@@ -237,13 +237,12 @@ def build_adapter(cfg, *, on_host: Callable[[], contextlib.AbstractContextManage
 
 def build_mini_adapter(cfg):
     """The miniature's adapter from its architecture constants (no weights read)."""
-    from flowbp_train.mini.model import build_text_encoder, build_transformer
-    from flowbp_train.models.mini import MiniAdapter
+    from flowbp_train.models.mini import MiniAdapter, build_text_encoder, build_transformer
 
     adapter = MiniAdapter(build_transformer(), build_text_encoder(), guidance_scale=cfg.effective_guidance,
                           device="cpu", dtype=torch.float32)
     adapter.host_modules = []
-    return adapter, {"source": "the miniature's architecture (flowbp_train.mini.model)"}
+    return adapter, {"source": "the miniature's architecture (flowbp_train.models.mini)"}
 
 
 class _Tokens:

@@ -1,12 +1,10 @@
-"""The miniature's two scorers: the reward CNN (trained on half A) and the judge (trained on half B).
+"""Training the miniature's two scorers (``flowbp-mini train-reward``, ``train-judge``).
 
-Reward: a small CNN (about 160k parameters, smooth SiLU activations so its input gradient is useful)
-on the 16x16 image; the training reward is ``log p(prompt's digit | image)``. Judge: an RBF support
-vector classifier (scikit-learn ``SVC``) on the image average-pooled to 8x8, trained on the other half:
-a different model family, a different view (it cannot see pixel-level stripes) and different data, so
-reward hacking of the CNN shows as a gap between the two (the paper's in- vs out-of-domain protocol).
-The SVC is stored as plain tensors (support vectors, dual coefficients, intercepts) in safetensors and
-evaluated in torch; :func:`svc_decisions` reproduces libsvm's one-vs-one decision values.
+The reward CNN learns on half A of the digits (random one-pixel shifts, mild noise: samples are not
+exactly data) and is scored on half B; the RBF SVC judge is fitted on half B (the pooled 8x8 view) and
+scored on half A. Each writes its hash-recorded file into ``out_dir`` (default ``./flowbp-mini-weights``;
+never the installed package). The networks and their loading are the rewards'
+(``flowbp_train.rewards.mini_nets``).
 """
 
 from __future__ import annotations
@@ -16,28 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from flowbp_train.mini.data import NUM_CLASSES, load_digits
-from flowbp_train.mini.model import DEFAULT_OUT_DIR, save_weights, verified_path
-
-REWARD_FILE = "reward_cnn.safetensors"
-JUDGE_FILE = "judge_svc.safetensors"
-
-
-class DigitCNN(nn.Module):
-    """``[B, 1, 16, 16]`` in [-1, 1] -> ``[B, 10]`` logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1), nn.SiLU(),
-            nn.AvgPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2),
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.SiLU(), nn.Linear(128, NUM_CLASSES))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+from flowbp_train.mini import DEFAULT_OUT_DIR
+from flowbp_train.mini.data import load_digits
+from flowbp_train.rewards.mini_nets import JUDGE_FILE, REWARD_FILE, DigitCNN, SVCJudge, judge_features
+from flowbp_train.weights import save_hashed
 
 
 def _shift_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -78,73 +59,9 @@ def train_reward_cnn(epochs: int = 20, batch_size: int = 64, lr: float = 1e-3, s
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REWARD_FILE
     meta = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "heldout_accuracy_B": acc}
-    sha = save_weights(net.state_dict(), path, meta)
+    sha = save_hashed(net.state_dict(), path, meta)
     log(f"reward CNN: held-out (half B) accuracy {acc:.4f}; saved {path} ({time.perf_counter() - t0:.0f}s)")
     return {**meta, "sha256": sha, "seconds": time.perf_counter() - t0}
-
-
-def load_reward_cnn(weights_dir: str | Path | None = None) -> DigitCNN:
-    """The committed reward CNN (hash-checked), eval mode, frozen."""
-    from safetensors.torch import load_file
-
-    net = DigitCNN()
-    net.load_state_dict(load_file(str(verified_path(REWARD_FILE, weights_dir))))
-    return net.eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------------ judge
-def judge_features(images: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, 16, 16]`` in [-1, 1] -> ``[B, 64]``: the 2x2 average pool, flattened (the judge's view)."""
-    return F.avg_pool2d(images, 2).flatten(1)
-
-
-class SVCJudge:
-    """An RBF one-vs-one SVC stored as tensors; ``predict(images)`` -> ``[B]`` digits."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.sv = tensors["support_vectors"].double()
-        self.coef = tensors["dual_coef"].double()
-        self.intercept = tensors["intercept"].double()
-        self.n_support = [int(n) for n in tensors["n_support"]]
-        self.gamma = float(tensors["gamma"])
-        self.classes = tensors["classes"].long()
-
-    def decisions(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, n_pairs]`` one-vs-one decision values in libsvm's pair order (0,1), (0,2), ..."""
-        return svc_decisions(judge_features(images.detach().double().cpu()), self.sv, self.coef,
-                             self.intercept, self.n_support, self.gamma)
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        dec = self.decisions(images)
-        k = len(self.n_support)
-        votes = torch.zeros(dec.shape[0], k, dtype=torch.long)
-        p = 0
-        for i in range(k):
-            for j in range(i + 1, k):
-                win_i = dec[:, p] > 0
-                votes[:, i] += win_i.long()
-                votes[:, j] += (~win_i).long()
-                p += 1
-        return self.classes[votes.argmax(1)]  # ties go to the lowest class index, as in libsvm
-
-
-def svc_decisions(x: torch.Tensor, sv: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor,
-                  n_support: list[int], gamma: float) -> torch.Tensor:
-    """libsvm's one-vs-one decision values: for classes i < j,
-    ``sum_{s in SV_i} coef[j-1, s] K(x, s) + sum_{s in SV_j} coef[i, s] K(x, s) + intercept[p]``,
-    with ``K(x, s) = exp(-gamma |x - s|^2)``; positive means class i."""
-    kern = torch.exp(-gamma * torch.cdist(x, sv).pow(2))
-    starts = [0]
-    for n in n_support:
-        starts.append(starts[-1] + n)
-    out, p, k = [], 0, len(n_support)
-    for i in range(k):
-        for j in range(i + 1, k):
-            si, sj = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j + 1])
-            d = kern[:, si] @ coef[j - 1, si] + kern[:, sj] @ coef[i, sj] + intercept[p]
-            out.append(d)
-            p += 1
-    return torch.stack(out, 1)
 
 
 def train_judge(C: float = 10.0, out_dir: str | Path | None = None, log=print) -> dict:
@@ -169,13 +86,6 @@ def train_judge(C: float = 10.0, out_dir: str | Path | None = None, log=print) -
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / JUDGE_FILE
     meta = {"C": C, "gamma": float(svc._gamma), "heldout_accuracy_A": acc, "num_support": int(sum(svc.n_support_))}
-    sha = save_weights(tensors, path, meta)
+    sha = save_hashed(tensors, path, meta)
     log(f"judge SVC: held-out (half A) accuracy {acc:.4f}; {meta['num_support']} support vectors; saved {path}")
     return {**meta, "sha256": sha, "seconds": time.perf_counter() - t0}
-
-
-def load_judge(weights_dir: str | Path | None = None) -> SVCJudge:
-    """The committed judge (hash-checked)."""
-    from safetensors.torch import load_file
-
-    return SVCJudge(load_file(str(verified_path(JUDGE_FILE, weights_dir))))

@@ -1,11 +1,11 @@
-"""``flowbp-mini``: build, inspect and study the CPU miniature.
+"""``flowbp-mini``: build, inspect, report and study the CPU miniature (it is aligned by ``flowbp-train``).
 
 Subcommands: ``pretrain`` (the base model), ``train-reward`` (the reward CNN), ``train-judge`` (the SVC
 judge) - each writes its file and its sha256 into ``--out`` (default ``./flowbp-mini-weights``; never the
 installed package, whose committed files stay as shipped); ``sample`` (a grid of
 every digit from the base model or a LoRA run); ``check`` (the base model's per-digit judge accuracy);
-``align`` (the direct LoRA loop of :mod:`flowbp_train.mini.align`, writing grids, curves, summary and
-LoRA); ``report`` (the same report for a finished ``flowbp-train recipes/mini/*.yaml`` run); ``study``
+``report OUTPUT_DIR`` (before/after grids, curves and summary of a finished ``flowbp-train
+recipes/mini/*.yaml`` run, :func:`flowbp_train.mini.report.report_run`); ``study``
 (``benchmarks/mini_study.py``: every method on three tasks, 3 seeds). The trainer's ``flowbp-mini`` entry point calls
 :func:`main`; a bad argument is one line on stderr and exit status 2, checked before any work.
 """
@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from flowbp_train.cli import ArgumentParser, UsageError, run_main
-from flowbp_train.mini.model import DEFAULT_OUT_DIR
+from flowbp_train.mini import DEFAULT_OUT_DIR
+from flowbp_train.usage import ArgumentParser, UsageError, run_main
 
-#: Bounds of the numeric arguments (input checks): steps of pretraining / alignment, seeds of a study,
+#: Bounds of the numeric arguments (input checks): steps of pretraining / sampling, seeds of a study,
 #: samples per prompt, threads (a shared machine), and the CFG scale (the miniature is used at 1-5).
 MAX_STEPS = 1_000_000
 MAX_SEEDS = 100
@@ -63,15 +63,13 @@ def _cmd_train_judge(a) -> int:
 
 
 def _cmd_sample(a) -> int:
-    from flowbp_train.mini.data import canonical_prompts
+    from flowbp_train.digits import canonical_prompts
     from flowbp_train.mini.report import eval_noise, generate, save_grid
 
     _threads(a)
     ad = _adapter(a.guidance)
     if a.lora:
-        from flowbp_train.mini.lora import load_lora
-
-        load_lora(ad.transformer, a.lora)
+        ad.load_lora_weights(a.lora)
     prompts = canonical_prompts()
     rows = [p for p in prompts for _ in range(a.per_prompt)]
     x = generate(ad, rows, eval_noise(ad, len(prompts), a.per_prompt), a.steps)
@@ -89,18 +87,8 @@ def _cmd_check(a) -> int:
     return 0
 
 
-def _cmd_align(a) -> int:
-    import torch
-
-    from flowbp_train.mini.run import run_main_job
-
-    run_main_job(a.output_dir, method=a.method, steps=a.max_train_steps, seed=a.seed,
-                 threads=a.threads or torch.get_num_threads())
-    return 0
-
-
 def _cmd_report(a) -> int:
-    from flowbp_train.mini.run import report_run
+    from flowbp_train.mini.report import report_run
 
     _threads(a)
     report_run(a.output_dir)
@@ -142,15 +130,13 @@ def _check(a) -> None:
         if t not in TASKS:
             raise UsageError(f"--tasks: expected some of {', '.join(TASKS)}, got {t!r}")
     bounded("--steps", 1, MAX_STEPS if a.command in ("pretrain", "study") else 1000)
-    bounded("--max-train-steps", 1, MAX_STEPS)
     bounded("--seed", 0, 2**32 - 1)
     bounded("--seeds", 1, MAX_SEEDS)
     bounded("--per-prompt", 1, MAX_PER_PROMPT)
     guidance = getattr(a, "guidance", None)
     if guidance is not None and not (math.isfinite(guidance) and 0 < guidance <= MAX_GUIDANCE):
         raise UsageError(f"--guidance: expected a number in (0, {MAX_GUIDANCE:g}], got {guidance}")
-    methods = [a.method] if getattr(a, "method", None) is not None else list(getattr(a, "methods", None) or [])
-    for m in methods:
+    for m in getattr(a, "methods", None) or []:
         if m not in METHODS:
             raise UsageError(f"--method: expected one of {', '.join(METHODS)}, got {m!r}")
     lora = getattr(a, "lora", None)
@@ -163,8 +149,6 @@ def _check(a) -> None:
         raise UsageError(f"--out: {out} is a file, expected a folder")
     if out is not None and a.command == "sample" and (Path(out).is_dir() or not Path(out).suffix):
         raise UsageError(f"--out: expected an image file name such as grid.png, got {out!r}")
-    if a.command == "align" and Path(a.output_dir).is_file():
-        raise UsageError(f"--output-dir: {a.output_dir} is a file, expected a folder")
 
 
 def build_parser() -> ArgumentParser:
@@ -194,13 +178,6 @@ def build_parser() -> ArgumentParser:
             s.add_argument("--out", default="mini_samples.png")
             s.add_argument("--lora", default=None, help="a pytorch_lora_weights.safetensors to apply")
         s.set_defaults(fn=fn)
-    s = sub.add_parser("align", help="the main job without the trainer (direct LoRA loop)")
-    s.add_argument("--method", default="flowbp-lagrange")
-    s.add_argument("--max-train-steps", type=int, default=60)
-    s.add_argument("--output-dir", default="flowbp-output/mini-flowbp-lagrange")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    s.set_defaults(fn=_cmd_align)
     s = sub.add_parser("report", help="grids, curves and summary of a finished flowbp-train mini run")
     s.add_argument("output_dir")
     s.add_argument("--threads", type=int, default=None, help=THREADS_HELP)

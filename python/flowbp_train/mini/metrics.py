@@ -68,7 +68,8 @@ def image_stats(images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 def data_reference(half: str = "B", per_class: int = 32) -> dict[str, float]:
     """The statistics of real digits (the first ``per_class`` of each digit in ``half``)."""
-    from flowbp_train.mini.data import NUM_CLASSES, load_digits
+    from flowbp_train.digits import NUM_CLASSES
+    from flowbp_train.mini.data import load_digits
 
     d = load_digits(half)
     idx = torch.cat([torch.nonzero(d.labels == c).flatten()[:per_class] for c in range(NUM_CLASSES)])

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from flowbp_train.mini.data import NULL_PROMPT, TEMPLATES, load_digits, prompt_for
-from flowbp_train.mini.model import BASE_FILE, DEFAULT_OUT_DIR, build_text_encoder, build_transformer, save_base
+from flowbp_train.digits import NULL_PROMPT, TEMPLATES, prompt_for
+from flowbp_train.mini import DEFAULT_OUT_DIR
+from flowbp_train.mini.data import load_digits
+from flowbp_train.models.mini import BASE_FILE, build_text_encoder, build_transformer, save_base
 
 
 @dataclass

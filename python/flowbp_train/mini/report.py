@@ -1,22 +1,27 @@
-"""What a person wants to see after a miniature run: sample grids, curves, a summary JSON.
+"""What a person wants to see after a miniature run: sample grids, curves, a summary JSON (``flowbp-mini report``).
 
 :func:`generate` samples fixed seeds through the adapter (Euler, no grad); :func:`evaluate` scores them
 with the reward, the held-out judge and the image statistics of :mod:`flowbp_train.mini.metrics`;
 :func:`save_grid` / :func:`save_before_after` write PNG grids (one row per prompt, one column per seed,
-the same noise before and after); :func:`plot_curves` plots reward and judge against the step. Used by
-the trainer at the end of a ``family: mini`` run and by ``benchmarks/mini_study.py``.
+the same noise before and after); :func:`plot_curves` plots reward and judge against the step.
+:func:`report_run` (``flowbp-mini report OUTPUT_DIR``, which ``scripts/quickstart.sh`` runs after
+``flowbp-train recipes/mini/*.yaml``) writes, from the run's files alone (``config.yaml``,
+``logs/train_log.jsonl``, the ``checkpoint-<step>/`` LoRAs for the held-out curve and the final LoRA
+for the after grid): ``grid_before_after.png`` (every prompt x 8 fixed seeds, base on the left, aligned
+on the right, same noise), ``grid_before.png`` / ``grid_after.png``, ``curves.png`` and ``summary.json``.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from flowbp_kernels import rollout
-from flowbp_train.mini.data import canonical_prompts, digits_of_prompts
+from flowbp_train.digits import canonical_prompts, digits_of_prompts
 from flowbp_train.mini.metrics import image_stats
 
 EVAL_SEED = 1234  # seeds of evaluation noise: EVAL_SEED + column index (never used for training noise)
@@ -140,3 +145,71 @@ def write_summary(path: str | Path, summary: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return path
+
+
+def write_report(output_dir: str | Path, *, before: torch.Tensor, after: torch.Tensor, per_prompt: int,
+                 history: list[dict], summary: dict) -> dict[str, str]:
+    """Write grids, curves and summary into ``output_dir``; returns the paths by name."""
+    out = Path(output_dir)
+    paths = {
+        "grid_before_after": save_before_after(before, after, out / "grid_before_after.png", per_prompt),
+        "grid_before": save_grid(before, out / "grid_before.png", per_prompt),
+        "grid_after": save_grid(after, out / "grid_after.png", per_prompt),
+        "curves": plot_curves(history, out / "curves.png", title=summary.get("title", "")),
+    }
+    for extra in (out / "grid_before_after.before.png", out / "grid_before_after.after.png"):
+        extra.unlink(missing_ok=True)
+    paths = {k: str(v) for k, v in paths.items()}
+    paths["summary"] = str(write_summary(out / "summary.json", {**summary, "files": paths, "history": history}))
+    return paths
+
+
+def report_run(output_dir: str | Path, *, per_prompt: int = 8, log=print) -> dict:
+    """The report of a finished trainer run of the miniature (see the module docstring)."""
+    import yaml
+
+    from flowbp_train.models.mini import MiniAdapter
+    from flowbp_train.rewards.mini import DigitJudge, DigitReward
+    from flowbp_train.weights import LORA_FILE
+
+    out = Path(output_dir)
+    cfg_path, final = out / "config.yaml", out / LORA_FILE
+    if not cfg_path.is_file() or not final.is_file():
+        raise FileNotFoundError(f"output_dir: {out} holds no finished run (config.yaml and {LORA_FILE} expected)")
+    cfg = yaml.safe_load(cfg_path.read_text())
+    if cfg.get("family") != "mini":
+        raise ValueError(f"output_dir: {out} is a {cfg.get('family')!r} run, not a miniature one")
+    t0 = time.perf_counter()
+    reward, judge = DigitReward(), DigitJudge()
+    n = int(cfg.get("sample_steps") or cfg.get("num_steps") or 10)
+
+    def scored(lora: Path | None):
+        ad = MiniAdapter.from_pretrained(cfg.get("pretrained_model_name_or_path") or "mini",
+                                         guidance_scale=cfg.get("guidance_scale"))
+        if lora is not None:
+            ad.load_lora_weights(lora, alpha=cfg.get("lora_alpha"))
+        return evaluate(ad, reward, judge, per_prompt=per_prompt, num_steps=n)
+
+    history = []
+    log_file = out / cfg.get("logging_dir", "logs") / "train_log.jsonl"
+    if log_file.is_file():
+        for line in log_file.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("reward") is not None:
+                history.append({"step": rec["step"], "train_reward": rec["reward"]})
+    before_m, before = scored(None)
+    history.append({"step": 0, "eval_reward": before_m["reward"], "eval_judge": before_m["judge"]})
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if (p / LORA_FILE).is_file()),
+                   key=lambda p: int(p.name.split("-")[1]))
+    for c in ckpts:
+        m, _ = scored(c / LORA_FILE)
+        history.append({"step": int(c.name.split("-")[1]), "eval_reward": m["reward"], "eval_judge": m["judge"]})
+    after_m, after = scored(final)
+    history.sort(key=lambda h: h["step"])
+    summary = {"title": f"miniature, {cfg.get('method')}, {cfg.get('max_train_steps')} steps (flowbp-train)",
+               "method": cfg.get("method"), "config": cfg, "before": before_m, "after": after_m,
+               "report_seconds": time.perf_counter() - t0, "lora": str(final)}
+    paths = write_report(out, before=before, after=after, per_prompt=per_prompt, history=history, summary=summary)
+    log(f"before: reward {before_m['reward']:.3f} judge {before_m['judge']:.3f}; after: reward "
+        f"{after_m['reward']:.3f} judge {after_m['judge']:.3f}; grid {paths['grid_before_after']}")
+    return summary

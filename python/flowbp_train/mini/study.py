@@ -21,9 +21,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,32 +124,6 @@ class StudyConfig:
 
 
 # --------------------------------------------------------------------------------------- measurement
-@contextmanager
-def saved_bytes(exclude: Sequence[torch.Tensor]) -> Iterator[dict]:
-    """Bytes autograd saves for backward while the block runs, as the peak alive at once
-    (``stats["peak"]``); storages of ``exclude`` (weights, which exist anyway) are not counted."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    stats = {"live": 0, "peak": 0}
-
-    class _Held:
-        __slots__ = ("t", "__weakref__")
-
-    def _release(n):
-        stats["live"] -= n
-
-    def pack(t):
-        h = _Held()
-        h.t = t.detach()  # a saved output holding its own grad_fn would form a cycle never freed
-        n = 0 if t.untyped_storage().data_ptr() in skip else t.numel() * t.element_size()
-        stats["live"] += n
-        stats["peak"] = max(stats["peak"], stats["live"])
-        weakref.finalize(h, _release, n)
-        return h
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda h: h.t):
-        yield stats
-
-
 def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().flatten().double() for t in tensors])
 
@@ -203,7 +175,7 @@ def evaluate_task(adapter, reward, task: str, per_prompt: int = 8) -> dict:
     """Score fixed evaluation seeds (every canonical prompt x ``per_prompt``): the task's reward and its
     terms, the judge and, for a task that moves the digit, the re-centring judge, the ink's centre and
     amount, diversity, total variation and high-frequency energy."""
-    from flowbp_train.mini.data import canonical_prompts, digits_of_prompts
+    from flowbp_train.digits import canonical_prompts, digits_of_prompts
     from flowbp_train.mini.metrics import image_stats
     from flowbp_train.mini.report import eval_noise, generate
     from flowbp_train.rewards.mini import ink_centre_x, ink_mean
@@ -261,6 +233,7 @@ def gradient_run(cfg: StudyConfig, task: str, seed: int) -> dict:
     (each rollout step's parameter-gradient piece, summed over the draws, against the total and against
     the exact gradient) and the bytes saved for backward (streaming and retain executors)."""
     from flowbp_kernels import get_method, reward_backprop, rollout
+    from flowbp_train.mini.measure import flat_grad, saved_bytes_meter
 
     t0 = time.perf_counter()
     out = tempfile.mkdtemp(prefix=f"flowbp-study-grad-{task}-{seed}-")
@@ -283,11 +256,11 @@ def gradient_run(cfg: StudyConfig, task: str, seed: int) -> dict:
             def grad(method, plan, noise, executor="streaming"):
                 for p in params:
                     p.grad = None
-                with saved_bytes(exclude) as stats:
+                with saved_bytes_meter(exclude) as stats:
                     o = reward_backprop(method, vf, ro, rfn, plan=plan, executor=executor, loss="neg",
                                         params=params, keep_node_grads=executor == "streaming",
                                         noise_generator=noise)  # DRaFT-LV's re-noising
-                total = _flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+                total = flat_grad(params)
                 pieces = {}
                 if executor == "streaming":
                     for node, vecs in zip(o.diagnostics["nodes"], o.diagnostics["node_grads"]):
@@ -491,7 +464,7 @@ def aggregate(runs: list[dict], grads: list[dict], cfg: StudyConfig) -> dict:
             row["curve"] = {s: _mean_sd(r["evals"][s]["reward"] for r in rs if s in r["evals"])
                             for s in sorted(rs[0]["evals"], key=int)}
             for key in ("cos_vs_exact", "cos_mean_grad_vs_exact", "grad_norm_ratio", "saved_bytes_streaming",
-                        "saved_bytes_retain", "reforwards"):
+                        "saved_bytes_retain", "reforwards", "pieces_rel_err"):
                 row[key] = _mean_sd(g[key] for g in gs)
             row["decomposition"] = _decomposition(gs)
             rows[m] = row
@@ -503,11 +476,23 @@ def aggregate(runs: list[dict], grads: list[dict], cfg: StudyConfig) -> dict:
             diff = rows[a]["final_reward"][0] - rows[b]["final_reward"][0]
             gaps.append({"above": a, "below": b, "diff": diff, "pooled_sd": pooled,
                          "in_sd": diff / pooled if pooled > 0 else None})
+        for row in rows.values():  # effect sizes against the late-only baseline and the exact gradient
+            for ref in ("refl", "full"):
+                row[f"vs_{ref}_in_sd"] = _effect(row["final_reward"], rows[ref]["final_reward"]) if ref in rows \
+                    else None
         exact = [g["methods"]["full"] for g in grads if g["task"] == t and "full" in g["methods"]]
         paired = [(rows[m]["cos_vs_exact"][0], rows[m]["final_reward"][0]) for m in rows if rows[m]["cos_vs_exact"]]
         agg[t] = {"methods": rows, "order": order, "gaps": gaps, "exact_decomposition": _decomposition(exact),
                   "spearman_cos_reward": _spearman(*zip(*paired)) if len(paired) > 2 else None}
     return agg
+
+
+def _effect(a: list[float] | None, b: list[float] | None) -> float | None:
+    """(mean a - mean b) in pooled seed sds (Cohen's d over the seeds); None when both sds are 0."""
+    if a is None or b is None:
+        return None
+    pooled = math.sqrt((a[1] ** 2 + b[1] ** 2) / 2)
+    return (a[0] - b[0]) / pooled if pooled > 0 else None
 
 
 def _ranks(xs) -> list[float]:
@@ -578,7 +563,7 @@ def markdown_report(agg: dict, info: dict) -> str:
         head = (["method", "final reward", f"gain at {first['gain_at']}", "mean gain (AUC)"]
                 + [k.removeprefix("term_") for k in term_keys] + ["judge"] + (["re-centred judge"] if has_rc else [])
                 + ["ink centre", "mean ink", "diversity", "TV", "cos(grad, exact)", "cos(mean of draws, exact)",
-                   "saved MB stream / retain", "step ms"])
+                   "saved MB stream / retain", "step ms", "vs refl (sd)", "vs full (sd)"])
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for m in sorted(rows, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99):
@@ -590,7 +575,8 @@ def markdown_report(agg: dict, info: dict) -> str:
                         _f(r["cos_mean_grad_vs_exact"], "{:.2f}"),
                         (f"{r['saved_bytes_streaming'][0] / 2**20:.1f} / {r['saved_bytes_retain'][0] / 2**20:.1f}"
                          if r["saved_bytes_streaming"] else "-"),
-                        f"{r['step_time_s'][0] * 1e3:.0f}"])
+                        f"{r['step_time_s'][0] * 1e3:.0f}"]
+                     + [f"{r[k]:+.1f}" if r.get(k) is not None else "-" for k in ("vs_refl_in_sd", "vs_full_in_sd")])
             lines.append("| " + " | ".join(cells) + " |")
         order = " > ".join([a["order"][0]] + [
             f"{g['below']} ({g['in_sd']:.1f} sd)" if g["in_sd"] is not None else g["below"] for g in a["gaps"]])
@@ -602,6 +588,11 @@ def markdown_report(agg: dict, info: dict) -> str:
                  f"{info['draws']} plan draws per method, summed): cosine of each rollout step's piece of the "
                  "gradient (step 0 = the noise end) with the exact gradient; `.` where the method never reaches "
                  "the step.")
+    errs = [r["pieces_rel_err"][0] + r["pieces_rel_err"][1] for a in agg.values() for r in a["methods"].values()
+            if r.get("pieces_rel_err")]
+    if errs:
+        lines[-1] += (f" The pieces add up to each method's own gradient (relative error, mean + sd over seeds, "
+                      f"at most {max(errs):.1e}), so the decomposition misses nothing.")
     for t, a in agg.items():
         if not a["exact_decomposition"]:
             continue

@@ -43,6 +43,8 @@ class FlowAdapter(ABC):
         default_lora_targets: LoRA target module names (suffixes, peft's matching) for this family;
             :meth:`lora_targets` adds the ones that must be named per block.
         guidance_scale: the family's guidance (FLUX.1 embedded guidance; SD3.5 / FLUX.2 two-branch CFG).
+        two_branch_cfg: the family guides by two-branch classifier-free guidance (SD3.5, FLUX.2, the
+            miniature), not by an embedded guidance input (FLUX.1); ``cfg_grad_compensate`` reads it.
         device, dtype: where and in which dtype the transformer runs.
         text_encoder_names: the pipeline attributes holding text encoders (moved to ``device`` to encode).
         encode_seconds, encoded_prompts: time spent in the text encoders and prompts encoded so far.
@@ -54,6 +56,7 @@ class FlowAdapter(ABC):
     text_encoder_names: tuple[str, ...] = ()
     transformer: torch.nn.Module
     guidance_scale: float = 1.0
+    two_branch_cfg: bool = True
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     encode_seconds: float = 0.0
@@ -106,11 +109,6 @@ class FlowAdapter(ABC):
         """Latents (the ``velocity_fn`` layout) -> images ``[B, 3, H, W]`` in [0, 1], differentiable,
         VAE frozen."""
 
-    def final_report(self, output_dir: str | os.PathLike, cfg) -> None:
-        """Family-specific outputs at the end of a training run (the miniature writes its before/after
-        grids, curves and summary); nothing by default."""
-        return None
-
     def text_encoders(self) -> list[torch.nn.Module]:
         """The pipeline's text encoders (``text_encoder_names``), in order."""
         pipe = getattr(self, "pipeline", None)
@@ -120,6 +118,13 @@ class FlowAdapter(ABC):
         """Move the text encoders to the CPU (once prompts are encoded; they come back when needed)."""
         for enc in self.text_encoders():
             enc.to("cpu")
+
+    def encode_all(self, prompts: Sequence[str], batch_size: int) -> None:
+        """Encode every prompt once, ``batch_size`` at a time (bounds the encoders' activation memory),
+        then move the text encoders to the CPU: every later batch comes from the cache."""
+        for i in range(0, len(prompts), batch_size):
+            self.encode_prompts(list(prompts[i : i + batch_size]))
+        self.offload_text_encoders()
 
     # ------------------------------------------------------------------ shared helpers (trainer side)
     #: the family's diffusers pipeline class (None: the adapter was built from components)
@@ -170,8 +175,8 @@ class FlowAdapter(ABC):
         """Write ``pytorch_lora_weights.safetensors`` (or ``weight_name``) in diffusers' format, loadable
         with ``pipe.load_lora_weights(save_directory)``: keys ``transformer.`` + the peft state dict of the
         transformer, and diffusers' LoRA metadata with ``r`` and ``lora_alpha`` (None: the rank), so the
-        trained scale ``alpha / r`` is reproduced by every loader (``flowbp_train.lora_files``)."""
-        from flowbp_train.lora_files import LORA_FILE, save_lora_file
+        trained scale ``alpha / r`` is reproduced by every loader (``flowbp_train.weights``)."""
+        from flowbp_train.weights import LORA_FILE, save_lora_file
 
         save_lora_file(Path(save_directory) / (weight_name or LORA_FILE), transformer_lora_layers,
                        lora_alpha=lora_alpha, info={"family": self.family, **(info or {})})

@@ -51,6 +51,7 @@ class FluxAdapter(FlowAdapter):
         "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
     )
     default_guidance = 4.0
+    two_branch_cfg = False  # guidance is an input of the guidance-distilled transformer
 
     def __init__(self, pipeline, *, resolution: int = 512, guidance_scale: float | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

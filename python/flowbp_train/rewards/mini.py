@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flowbp_train.mini.classifier import load_judge, load_reward_cnn
-from flowbp_train.mini.data import IMAGE_SIZE, digits_of_prompts
+from flowbp_train.digits import IMAGE_SIZE, digits_of_prompts
 from flowbp_train.rewards.base import Reward, register_reward
+from flowbp_train.rewards.mini_nets import load_judge, load_reward_cnn
 
 
 def to_digit_space(images: torch.Tensor) -> torch.Tensor:

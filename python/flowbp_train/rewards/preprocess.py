@@ -3,7 +3,7 @@
 Works on float tensors ``[B, 3, H, W]`` in [0, 1] and keeps the graph to the image. Bicubic resizing with
 ``antialias=True`` is torch's port of PIL's separable filter (Keys cubic a = -0.5, support widened by the
 downscale factor), so it reproduces the PIL paths of the reference processors up to PIL's uint8 rounding;
-the parity is measured in ``tests/rewards/test_preprocess.py``. Output sizes and crop offsets follow each
+the parity is measured in ``tests/train/rewards/test_preprocess.py``. Output sizes and crop offsets follow each
 reference exactly (truncation vs rounding, ``//2`` vs torchvision's round-half-even), see the presets.
 Limit: the two 1-D passes run width first (Pillow <= 12); Pillow 13 picks the order itself, which moves
 clipped cubic overshoot at hard edges by a few levels of 255.

@@ -1,0 +1,136 @@
+"""Adapters against diffusers: the adapter's rollout + decode reproduces the family's own pipeline
+(same noise, schedule, guidance, decoding), CFG gradients follow the detach rule, and a model id that
+cannot be reached fails fast with instructions."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from flowbp_kernels import rollout
+
+from helpers.pipelines import tiny_adapter
+
+N = 4
+
+
+def _pipeline_image(ad, batch, noise):
+    """The pipeline's own sampler on the same inputs (it is the independent reference)."""
+    pipe, fam = ad.pipeline, ad.family
+    common = dict(num_inference_steps=N, output_type="np", height=ad.resolution, width=ad.resolution,
+                  guidance_scale=ad.guidance_scale, latents=noise.clone())
+    t = batch.tensors
+    if fam == "flux1":
+        out = pipe(prompt_embeds=t["encoder_hidden_states"], pooled_prompt_embeds=t["pooled_projections"], **common)
+    elif fam == "sd3":
+        out = pipe(prompt_embeds=t["encoder_hidden_states"], pooled_prompt_embeds=t["pooled_projections"],
+                   negative_prompt_embeds=batch.negative["encoder_hidden_states"],
+                   negative_pooled_prompt_embeds=batch.negative["pooled_projections"],
+                   sigmas=np.linspace(1.0, 1 / N, N).tolist(), **common)
+    else:  # FLUX.2 takes the latents before packing: [B, 128, H/16, W/16]
+        b, n, c = noise.shape
+        common["latents"] = noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone()
+        out = pipe(prompt_embeds=t["encoder_hidden_states"], negative_prompt_embeds=batch.negative[
+            "encoder_hidden_states"], **common)
+    return torch.from_numpy(out.images).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2"])
+def test_rollout_and_decode_match_the_diffusers_pipeline(family):
+    ad = tiny_adapter(family)
+    batch = ad.encode_prompts(["a cat", "a red bus"])
+    noise = ad.initial_noise(2, generator=torch.Generator().manual_seed(3))
+    sig = ad.sigmas(N)
+    with torch.no_grad():
+        ours = ad.decode(rollout(ad.velocity_fn(batch, sig), noise, sig).sample)
+    ref = _pipeline_image(ad, batch, noise)
+    assert ours.shape == ref.shape == (2, 3, 16, 16)
+    # both in fp32; the pipeline's scheduler sums the Euler steps in a different order
+    assert torch.allclose(ours, ref, atol=2e-5), float((ours - ref).abs().max())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux2"])
+def test_negative_branch_has_no_gradient_unless_asked(family):
+    ad = tiny_adapter(family)
+    batch = ad.encode_prompts(["a cat"])
+    sig = ad.sigmas(N)
+    x = ad.initial_noise(1, generator=torch.Generator().manual_seed(0))
+    params = [p for p in ad.transformer.parameters()]
+    g = ad.guidance_scale
+
+    def grads(fn):
+        return torch.autograd.grad(fn().square().sum(), params, allow_unused=True)
+
+    def cond_only():  # the conditional branch alone, for the independent expression below
+        return ad.velocity_fn(type(batch)(batch.prompts, batch.tensors, None), sig)(x, 1)
+
+    v_full = ad.velocity_fn(batch, sig)(x, 1).detach()
+    v_neg = ad.velocity_fn(type(batch)(batch.prompts, batch.negative, None), sig)(x, 1).detach()
+    v_cond = cond_only().detach()
+    assert torch.allclose(v_full, v_neg + g * (v_cond - v_neg), atol=1e-5)
+    # d/dθ |v|^2 with a detached negative branch = 2 g <v, dv_cond/dθ>
+    got = grads(lambda: ad.velocity_fn(batch, sig)(x, 1))
+    want = torch.autograd.grad((cond_only() * (2 * g * v_full)).sum() / 2, params, allow_unused=True)
+    for a, b in zip(got, want):
+        if b is not None:
+            assert torch.allclose(a / 2, b, atol=1e-5, rtol=1e-4)
+    with_neg = grads(lambda: ad.velocity_fn(batch, sig, grad_negative=True)(x, 1))
+    assert any(not torch.allclose(a, b) for a, b in zip(got, with_neg) if a is not None and b is not None)
+
+
+def test_unreachable_model_id_fails_fast_with_instructions():
+    from flowbp_train.models import build_adapter
+
+    t0 = time.perf_counter()
+    with pytest.raises(OSError, match="--local-dir DIR"):
+        build_adapter("flux1", "black-forest-labs/FLUX.1-dev-not-cached", local_files_only=True)
+    assert time.perf_counter() - t0 < 30
+    with pytest.raises(FileNotFoundError, match="local folder not found"):
+        build_adapter("sd3", "/no/such/folder")
+    with pytest.raises(ValueError, match="unknown model family"):
+        build_adapter("sdxl", "/x")
+
+
+def test_sd3_schedule_is_the_authors_and_differs_from_the_pipeline_default_as_stated():
+    """The README's exception: the SD3 adapter's sigmas are linspace(1, 1/N, N) shifted by 3 (the authors',
+    and what the pipeline computes when given those sigmas); StableDiffusion3Pipeline's own default ends at
+    about 0.009 instead of 3 / (N + 2)."""
+    ad = tiny_adapter("sd3")
+    sched = ad.pipeline.scheduler
+    ours = ad.sigmas(N).double()
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / N, N).tolist())
+    assert torch.allclose(sched.sigmas.double(), ours, atol=1e-6)  # the scheduler keeps sigmas in fp32
+    assert float(ours[N - 1]) == pytest.approx(3 / (N + 2))
+    sched.set_timesteps(N)  # the pipeline's default (no sigmas passed)
+    default = sched.sigmas.double()
+    assert float(default[N - 1]) == pytest.approx(0.009, abs=1e-3)
+    assert float((default - ours).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_flux2_follows_the_pipeline_is_distilled(distilled):
+    """A distilled FLUX.2 config turns CFG off (no negative branch), as Flux2KleinPipeline does, and the
+    adapter still reproduces the pipeline's image."""
+    from flowbp_train.models.flux2 import Flux2Adapter
+
+    from helpers.pipelines import PIPELINES, RESOLUTION, prompt_encoder
+
+    pipe = PIPELINES["flux2"](0)
+    pipe.register_to_config(is_distilled=distilled)
+    ad = Flux2Adapter(pipe, resolution=RESOLUTION, prompt_encoder=prompt_encoder(pooled=False))
+    assert ad.is_distilled is distilled and ad.uses_cfg is not distilled and ad.guidance_scale == 4.0
+    batch = ad.encode_prompts(["a cat"])
+    assert (batch.negative is None) is distilled
+    noise = ad.initial_noise(1, generator=torch.Generator().manual_seed(3))
+    sig = ad.sigmas(N)
+    with torch.no_grad():
+        ours = ad.decode(rollout(ad.velocity_fn(batch, sig), noise, sig).sample)
+    b, n, c = noise.shape
+    neg = {} if distilled else {"negative_prompt_embeds": batch.negative["encoder_hidden_states"]}
+    ref = pipe(prompt_embeds=batch.tensors["encoder_hidden_states"], num_inference_steps=N, output_type="np",
+               height=RESOLUTION, width=RESOLUTION, guidance_scale=4.0,
+               latents=noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone(), **neg).images
+    assert torch.allclose(ours, torch.from_numpy(ref).permute(0, 3, 1, 2), atol=2e-5)
