@@ -100,7 +100,7 @@ def _cmd_study(a) -> int:
 
     cfg = StudyConfig(steps=a.steps, seeds=a.seeds, tasks=a.tasks or list(TASKS), methods=a.methods or
                       list(METHOD_ORDER), draws=a.draws)
-    run_study(cfg, workers=a.workers, out_dir=a.out, markdown=a.markdown)
+    run_study(cfg, workers=a.workers, out_dir=a.out, markdown=a.markdown, resume=a.resume)
     return 0
 
 
@@ -191,6 +191,7 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="worker processes (default: one per idle core)")
     s.add_argument("--out", default="benchmarks/results/mini_study")
     s.add_argument("--markdown", default=None, help="also write the tables to this file")
+    s.add_argument("--resume", action="store_true", help="keep the finished jobs of --out/jobs.jsonl")
     s.set_defaults(fn=_cmd_study)
     return p
 

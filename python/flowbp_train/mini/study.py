@@ -317,21 +317,67 @@ def _job(args: tuple) -> dict:
 
 
 def _jobs(cfg: StudyConfig) -> list[tuple]:
-    """Every job, the costliest first (so that the last jobs to start are short)."""
-    jobs = [(STEP_COST.get(m, 1.0) * cfg.steps, ("train", cfg, t, m, s)) for t in cfg.tasks for m in cfg.methods
-            for s in range(cfg.seeds)]
+    """Every job, task by task in ``cfg.tasks`` order (a study stopped early has whole tasks in its
+    journal), the costliest first within a task (so that the last jobs to start are short)."""
     grad_cost = 0.6 * sum(STEP_COST.get(m, 1.0) * (cfg.draws + 1) for m in cfg.methods)
-    jobs += [(grad_cost, ("grad", cfg, t, s)) for t in cfg.tasks for s in range(cfg.seeds)]
-    return [j for _, j in sorted(jobs, key=lambda cj: -cj[0])]
+    jobs = []
+    for t in cfg.tasks:
+        mine = [(STEP_COST.get(m, 1.0) * cfg.steps, ("train", cfg, t, m, s)) for m in cfg.methods
+                for s in range(cfg.seeds)] + [(grad_cost, ("grad", cfg, t, s)) for s in range(cfg.seeds)]
+        jobs += [j for _, j in sorted(mine, key=lambda cj: -cj[0])]
+    return jobs
+
+
+def _job_key(kind: str, task: str, *rest) -> str:
+    """A job's name in the journal: ``train/shift/refl/0`` or ``grad/shift/0``."""
+    return "/".join(str(x) for x in (kind, task, *rest))
+
+
+def _result_key(r: dict) -> str:
+    return _job_key("train", r["task"], r["method"], r["seed"]) if r["kind"] == "train" else \
+        _job_key("grad", r["task"], r["seed"])
+
+
+#: The journal of a study (``out_dir/jobs.jsonl``): its configuration on the first line, then one line
+#: per finished job, written as each finishes, so a stopped study keeps its finished runs (``resume``).
+JOURNAL = "jobs.jsonl"
+
+
+def _journal_config(cfg: StudyConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k != "recipes_root"}
+
+
+def _read_journal(path: Path, cfg: StudyConfig) -> list[dict]:
+    """The finished jobs of an earlier run of the same configuration (none for another configuration or
+    an unreadable journal; a line cut short by a kill is dropped)."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("config") != _journal_config(cfg):
+            return []
+    except json.JSONDecodeError:
+        return []
+    done = []
+    for line in lines[1:]:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("kind") == "train":
+            r["evals"] = {int(k): v for k, v in r["evals"].items()}
+        done.append(r)
+    return done
 
 
 # ---------------------------------------------------------------------------------------- the study
 def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
               out_dir: str | Path = "benchmarks/results/mini_study", markdown: str | Path | None = None,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, resume: bool = False) -> dict:
     """Run every job (in ``workers`` processes; 1: in this process), aggregate, and write ``study.json``,
     ``curves.png`` and ``decomposition.png`` into ``out_dir`` and the tables to ``markdown`` (if given).
-    Returns ``{"info", "aggregate", "runs", "gradients"}``."""
+    Each finished job is appended to ``out_dir/jobs.jsonl``; ``resume`` skips the jobs that journal
+    already holds for the same configuration. Returns ``{"info", "aggregate", "runs", "gradients"}``."""
     from flowbp_train.threads import worker_policy
 
     cfg = cfg or StudyConfig()
@@ -339,15 +385,33 @@ def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
         cfg = StudyConfig(**{**asdict(cfg), "recipes_root": str(default_recipes_root())})
     cfg.validate()
     t_start = time.perf_counter()
-    jobs = _jobs(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = out / JOURNAL
+    results = _read_journal(journal, cfg) if resume else []
+    done = {_result_key(r) for r in results}
+    jobs = [j for j in _jobs(cfg) if _job_key(j[0], *j[2:]) not in done]
+    with journal.open("w") as fh:  # rewritten whole: the configuration, then the jobs kept
+        fh.write(json.dumps({"config": _journal_config(cfg)}) + "\n")
+        for r in results:
+            fh.write(json.dumps(r) + "\n")
+    kept = len(results)
+    if kept:
+        log(f"mini-study: {kept} finished jobs kept from {journal}")
+
+    def finished(r: dict) -> None:
+        results.append(r)
+        with journal.open("a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        _log_job(r, t_start, log)
+        bar.update(1)
     saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     policy, workers = worker_policy("mini-study", workers)
-    workers = max(1, min(workers, len(jobs)))
+    workers = max(1, min(workers, len(jobs) or 1))
     log(f"mini-study: {len(jobs)} jobs ({len(cfg.tasks)} tasks x {len(cfg.methods)} methods x {cfg.seeds} seeds, "
         f"{cfg.steps} steps; gradient measures per task and seed) on {workers} worker(s)")
     from tqdm.auto import tqdm
 
-    results = []
     try:
         bar = tqdm(total=len(jobs), desc="mini-study", unit="job")
         if workers == 1:
@@ -355,9 +419,7 @@ def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
             torch.set_num_threads(policy.threads or prev)
             try:
                 for j in jobs:
-                    results.append(_job(j))
-                    _log_job(results[-1], t_start, log)
-                    bar.update(1)
+                    finished(_job(j))
             finally:
                 torch.set_num_threads(prev)
         else:
@@ -367,9 +429,7 @@ def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
             with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 futures = [pool.submit(_job, j) for j in jobs]
                 for f in as_completed(futures):
-                    results.append(f.result())
-                    _log_job(results[-1], t_start, log)
-                    bar.update(1)
+                    finished(f.result())
         bar.close()
     finally:
         for k, v in saved_env.items():
@@ -383,10 +443,8 @@ def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
     info = {**asdict(cfg), "batch_size": cfg.batch_size or 32, "eval_steps": eval_steps(cfg.steps),
             "workers": workers, "threads_per_worker": policy.threads, "thread_policy": policy.note,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "cores": policy.cores, "git": _git_rev(), "total_seconds": time.perf_counter() - t_start,
+            "cores": policy.cores, "git": _git_rev(), "total_seconds": time.perf_counter() - t_start, "kept_jobs": kept,
             "tasks_info": {t: asdict(TASKS[t]) for t in cfg.tasks}}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     study = {"info": info, "aggregate": agg, "runs": runs, "gradients": grads}
     (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
     plot_curves(agg, runs, cfg, out / "curves.png")

@@ -1,6 +1,7 @@
 """A 2-step smoke of the miniature study (``benchmarks/mini_study.py``'s logic) through the real trainer:
 every output written, the exact gradient's decomposition summing to it, each method's pieces summing to
-its gradient, the trainer's log carrying the task's terms, and the inputs checked before any work."""
+its gradient, the trainer's log carrying the task's terms, a resumed study keeping its journal's jobs, and the
+inputs checked before any work."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def test_two_step_study_smoke(tmp_path):
         assert rec["reward"] == pytest.approx(rec["reward_log_p"] + rec["reward_position"], rel=1e-5, abs=1e-5)
     text = (tmp_path / "study.md").read_text()
     assert "### Task shift" in text and "re-centred judge" in text and "exact (full)" in text
+    assert "vs refl (sd)" in text and "add up to each method's own gradient" in text
+    # the journal holds every finished job: a resumed study runs none of them again, aggregates the same
+    lines = (tmp_path / S.JOURNAL).read_text().splitlines()
+    assert len(lines) == 1 + len(out["runs"]) + len(out["gradients"]) == 4
+    again = S.run_study(cfg, workers=1, out_dir=tmp_path, log=lambda *_: None, resume=True)
+    assert again["info"]["kept_jobs"] == 3 and again["aggregate"] == out["aggregate"]
 
 
 def test_study_inputs_checked_before_any_work(tmp_path):
