@@ -344,7 +344,9 @@ JOURNAL = "jobs.jsonl"
 
 
 def _journal_config(cfg: StudyConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k != "recipes_root"}
+    """What changes a job's result (a job is one task, method and seed whatever else the study runs, so a
+    journal serves a study of fewer or more tasks, methods or seeds)."""
+    return {k: getattr(cfg, k) for k in ("steps", "draws", "eval_per_prompt", "batch_size")}
 
 
 def _read_journal(path: Path, cfg: StudyConfig) -> list[dict]:
@@ -354,9 +356,10 @@ def _read_journal(path: Path, cfg: StudyConfig) -> list[dict]:
         return []
     lines = path.read_text().splitlines()
     try:
-        if not lines or json.loads(lines[0]).get("config") != _journal_config(cfg):
-            return []
+        saved = json.loads(lines[0]).get("config") if lines else None
     except json.JSONDecodeError:
+        return []
+    if not isinstance(saved, dict) or any(saved.get(k) != v for k, v in _journal_config(cfg).items()):
         return []
     done = []
     for line in lines[1:]:
@@ -388,12 +391,16 @@ def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     journal = out / JOURNAL
-    results = _read_journal(journal, cfg) if resume else []
+    wanted = _jobs(cfg)
+    keys = {_job_key(j[0], *j[2:]) for j in wanted}
+    old = _read_journal(journal, cfg) if resume else []
+    results = [r for r in old if _result_key(r) in keys  # a gradient job measured a list of methods
+               and (r["kind"] == "train" or set(cfg.methods) <= set(r["methods"]))]
     done = {_result_key(r) for r in results}
-    jobs = [j for j in _jobs(cfg) if _job_key(j[0], *j[2:]) not in done]
-    with journal.open("w") as fh:  # rewritten whole: the configuration, then the jobs kept
+    jobs = [j for j in wanted if _job_key(j[0], *j[2:]) not in done]
+    with journal.open("w") as fh:  # rewritten whole: the configuration, then every finished job it had
         fh.write(json.dumps({"config": _journal_config(cfg)}) + "\n")
-        for r in results:
+        for r in old:
             fh.write(json.dumps(r) + "\n")
     kept = len(results)
     if kept:

@@ -46,6 +46,10 @@ def test_two_step_study_smoke(tmp_path):
     assert len(lines) == 1 + len(out["runs"]) + len(out["gradients"]) == 4
     again = S.run_study(cfg, workers=1, out_dir=tmp_path, log=lambda *_: None, resume=True)
     assert again["info"]["kept_jobs"] == 3 and again["aggregate"] == out["aggregate"]
+    fewer = S.StudyConfig(**{**cfg.__dict__, "methods": ["refl"]})  # a journal serves a smaller study too
+    part = S.run_study(fewer, workers=1, out_dir=tmp_path, log=lambda *_: None, resume=True)
+    assert part["info"]["kept_jobs"] == 2 and set(part["aggregate"]["shift"]["methods"]) == {"refl"}
+    assert len((tmp_path / S.JOURNAL).read_text().splitlines()) == 4  # the journal keeps every job it had
 
 
 def test_study_inputs_checked_before_any_work(tmp_path):
