@@ -24,6 +24,7 @@ LIMIT_TESTS=110    # tests/kernels/ops without -x: Triton compiles each speciali
 LIMIT_CORRECT=70   # model-shape correctness, opcheck, torch.compile, one engine step
 LIMIT_SPEED=70     # CUDA events with an L2 flush, medians, against eager, compile and a device copy
 LIMIT_STEP=150     # FLUX.1-dev at 1024 and 512 (streaming, retain), then SD3.5-M while time remains
+FAIL_TAIL=25       # lines of a failed stage's log printed on stdout
 GRACE=5            # SIGTERM at the limit, SIGKILL GRACE seconds later
 PER_TEST_S=120     # pytest-timeout: the first test of a worker compiles its Triton kernels
 export MODE GRACE
@@ -152,8 +153,12 @@ run_stage() {  # run_stage NAME LIMIT FILE: the stage under its limit; its file 
   local name=$1 limit=$2 file=$3 t rc
   t=$(date +%s)
   echo "== stage $name (limit $limit s)" | tee -a "$LOG"
+  local first=$(( $(wc -l <"$LOG") + 1 ))
   timeout -k "$GRACE" "$limit" bash -c "stage_$name" >>"$LOG" 2>&1
   rc=$?
+  if [ "$rc" -ne 0 ]; then  # the reason on stdout too (a CI log shows stdout only)
+    echo "-- last lines of stage $name:"; tail -n +"$first" "$LOG" | tail -n "$FAIL_TAIL" | sed 's/^/   /'
+  fi
   local secs=$(( $(date +%s) - t )) note=ok
   [ "$rc" -ne 0 ] && note=failed && FAILED=$((FAILED + 1))
   { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && note="killed at its time limit"

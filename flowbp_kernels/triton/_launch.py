@@ -15,7 +15,7 @@ import torch
 #: Compile options of every launch (see the module docstring).
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 #: Values per thread and operand a tile may hold: ptxas spilled at 16 (a 2048-element euler_cache_step tile
-#: on 4 warps, the leap with 5 nodes on 1024) and fits at 4 with every specialization (tests/ops/triton_aot.py).
+#: on 4 warps, the leap with 5 nodes on 1024) and fits at 4 with every specialization (tests/kernels/ops/triton_aot.py).
 ELEMS_PER_THREAD = 4
 MIN_WARPS, MAX_WARPS = 4, 32
 

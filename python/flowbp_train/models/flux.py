@@ -44,7 +44,7 @@ class FluxAdapter(FlowAdapter):
     # Every attention and feed-forward projection of every block (the adaLN modulation linears are left
     # out): diffusers' train_dreambooth_lora_flux.py defaults plus the single blocks' MLP in and out
     # projections, which those defaults miss (they hold 60% of a single block's weights). On the published
-    # FLUX.1-dev config this covers 73% of the blocks' linear weights (tests/train/test_lora_targets.py).
+    # FLUX.1-dev config this covers 73% of the blocks' linear weights (tests/train/models/test_lora_targets.py).
     default_lora_targets = (
         "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",

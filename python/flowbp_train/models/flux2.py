@@ -47,7 +47,7 @@ class Flux2Adapter(FlowAdapter):
     # train_dreambooth_lora_flux2_klein.py trains the image-stream attention and both single-block
     # projections (80 layers, 66% of the published Klein-base-9B blocks' linear weights); these targets
     # add the double blocks' text stream and feed-forwards (144 layers, 100%; no modulation linear sits
-    # inside a FLUX.2 block). tests/train/test_lora_targets.py checks it on the published config.
+    # inside a FLUX.2 block). tests/train/models/test_lora_targets.py checks it on the published config.
     default_lora_targets = (
         "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",

@@ -51,7 +51,7 @@ class SD3Adapter(FlowAdapter):
     # Every attention and feed-forward projection of every block (the adaLN modulation linears are left
     # out): diffusers' train_dreambooth_lora_sd3.py defaults (the joint attention only, 20% of the
     # published SD3.5-Medium blocks' linear weights) plus the MMDiT-X self-attention ``attn2`` of its
-    # first 13 blocks and the feed-forwards: 66% (tests/train/test_lora_targets.py).
+    # first 13 blocks and the feed-forwards: 66% (tests/train/models/test_lora_targets.py).
     default_lora_targets = (
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
         "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
