@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", default=str(ROOT / "recipes" / "mini"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mini_study"))
     p.add_argument("--resume", action="store_true", help="keep the finished jobs of --out/jobs.jsonl")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: report the jobs --out/jobs.jsonl holds (implies --resume)")
     a = p.parse_args(argv)
     # the workers' thread settings are made by run_study before it starts them (flowbp_train.threads)
     from flowbp_train.mini.study import METHOD_ORDER, TASKS, StudyConfig, run_study
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"mini_study: error: {exc}", file=sys.stderr)
         return 2
-    run_study(cfg, workers=a.workers, out_dir=a.out, markdown=Path(a.out) / "study.md", resume=a.resume)
+    run_study(cfg, workers=a.workers, out_dir=a.out, markdown=Path(a.out) / "study.md",
+              resume=a.resume or a.report_only, run=not a.report_only)
     return 0
 
 

@@ -317,14 +317,14 @@ def _job(args: tuple) -> dict:
 
 
 def _jobs(cfg: StudyConfig) -> list[tuple]:
-    """Every job, task by task in ``cfg.tasks`` order (a study stopped early has whole tasks in its
-    journal), the costliest first within a task (so that the last jobs to start are short)."""
-    grad_cost = 0.6 * sum(STEP_COST.get(m, 1.0) * (cfg.draws + 1) for m in cfg.methods)
+    """Every job, task by task in ``cfg.tasks`` order and seed by seed within a task, so that a study
+    stopped early has whole tasks, and every method at the seeds it reached, in its journal; within a seed
+    the gradient measures first, then the training runs costliest first (the last jobs to start are short)."""
     jobs = []
     for t in cfg.tasks:
-        mine = [(STEP_COST.get(m, 1.0) * cfg.steps, ("train", cfg, t, m, s)) for m in cfg.methods
-                for s in range(cfg.seeds)] + [(grad_cost, ("grad", cfg, t, s)) for s in range(cfg.seeds)]
-        jobs += [j for _, j in sorted(mine, key=lambda cj: -cj[0])]
+        for s in range(cfg.seeds):
+            jobs.append(("grad", cfg, t, s))
+            jobs += [("train", cfg, t, m, s) for m in sorted(cfg.methods, key=lambda m: -STEP_COST.get(m, 1.0))]
     return jobs
 
 
@@ -376,11 +376,13 @@ def _read_journal(path: Path, cfg: StudyConfig) -> list[dict]:
 # ---------------------------------------------------------------------------------------- the study
 def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
               out_dir: str | Path = "benchmarks/results/mini_study", markdown: str | Path | None = None,
-              log: Callable[[str], None] = print, resume: bool = False) -> dict:
+              log: Callable[[str], None] = print, resume: bool = False, run: bool = True) -> dict:
     """Run every job (in ``workers`` processes; 1: in this process), aggregate, and write ``study.json``,
     ``curves.png`` and ``decomposition.png`` into ``out_dir`` and the tables to ``markdown`` (if given).
     Each finished job is appended to ``out_dir/jobs.jsonl``; ``resume`` skips the jobs that journal
-    already holds for the same configuration. Returns ``{"info", "aggregate", "runs", "gradients"}``."""
+    already holds for the same configuration; ``run=False`` (with ``resume``) runs nothing and reports
+    what the journal holds, naming the jobs it lacks (a study stopped early).
+    Returns ``{"info", "aggregate", "runs", "gradients"}``."""
     from flowbp_train.threads import worker_policy
 
     cfg = cfg or StudyConfig()
@@ -398,6 +400,9 @@ def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
                and (r["kind"] == "train" or set(cfg.methods) <= set(r["methods"]))]
     done = {_result_key(r) for r in results}
     jobs = [j for j in wanted if _job_key(j[0], *j[2:]) not in done]
+    missing = [] if run else [_job_key(j[0], *j[2:]) for j in jobs]
+    if not run:
+        jobs = []
     with journal.open("w") as fh:  # rewritten whole: the configuration, then every finished job it had
         fh.write(json.dumps({"config": _journal_config(cfg)}) + "\n")
         for r in old:
@@ -450,7 +455,8 @@ def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
     info = {**asdict(cfg), "batch_size": cfg.batch_size or 32, "eval_steps": eval_steps(cfg.steps),
             "workers": workers, "threads_per_worker": policy.threads, "thread_policy": policy.note,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-            "cores": policy.cores, "git": _git_rev(), "total_seconds": time.perf_counter() - t_start, "kept_jobs": kept,
+            "cores": policy.cores, "git": _git_rev(), "total_seconds": time.perf_counter() - t_start,
+            "kept_jobs": kept, "missing_jobs": missing, "job_seconds": sum(r["seconds"] for r in results),
             "tasks_info": {t: asdict(TASKS[t]) for t in cfg.tasks}}
     study = {"info": info, "aggregate": agg, "runs": runs, "gradients": grads}
     (out / "study.json").write_text(json.dumps(study, indent=1) + "\n")
@@ -610,7 +616,11 @@ def markdown_report(agg: dict, info: dict) -> str:
         f"(mean ± sd over seeds), evaluated on {10 * info['eval_per_prompt']} fixed samples at steps "
         f"{', '.join(map(str, info['eval_steps']))}; "
         f"{info['thread_policy']}; torch {info['torch']}, git {info['git']}; "
-        f"total {info['total_seconds'] / 60:.1f} min.", ""]
+        f"total {info['total_seconds'] / 60:.1f} min"
+        + (f" (jobs together {info['job_seconds'] / 60:.1f} worker-min)." if info.get("job_seconds") else "."), ""]
+    if info.get("missing_jobs"):
+        lines[0] += (f" **Incomplete:** {len(info['missing_jobs'])} jobs never ran (the study was stopped): "
+                     f"{', '.join(info['missing_jobs'])}.")
     for t, a in agg.items():
         rows = a["methods"]
         if not rows:

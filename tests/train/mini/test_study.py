@@ -50,6 +50,10 @@ def test_two_step_study_smoke(tmp_path):
     part = S.run_study(fewer, workers=1, out_dir=tmp_path, log=lambda *_: None, resume=True)
     assert part["info"]["kept_jobs"] == 2 and set(part["aggregate"]["shift"]["methods"]) == {"refl"}
     assert len((tmp_path / S.JOURNAL).read_text().splitlines()) == 4  # the journal keeps every job it had
+    more = S.StudyConfig(**{**cfg.__dict__, "seeds": 2})  # a stopped study reported: the missing jobs named
+    rep = S.run_study(more, workers=1, out_dir=tmp_path, log=lambda *_: None, resume=True, run=False)
+    assert rep["info"]["kept_jobs"] == 3 and len(rep["info"]["missing_jobs"]) == 3
+    assert "train/shift/refl/1" in rep["info"]["missing_jobs"] and len(rep["runs"]) == 2
 
 
 def test_study_inputs_checked_before_any_work(tmp_path):
