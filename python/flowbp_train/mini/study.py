@@ -453,7 +453,8 @@ def run_study(cfg: StudyConfig | None = None, *, workers: int | None = None,
     grads = sorted((r for r in results if r["kind"] == "grad"), key=lambda r: (r["task"], r["seed"]))
     agg = aggregate(runs, grads, cfg)
     info = {**asdict(cfg), "batch_size": cfg.batch_size or 32, "eval_steps": eval_steps(cfg.steps),
-            "workers": workers, "threads_per_worker": policy.threads, "thread_policy": policy.note,
+            "workers": workers, "threads_per_worker": policy.threads,
+            "thread_policy": policy.note if run else "a report of the journal (no job run by it)",
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "cores": policy.cores, "git": _git_rev(), "total_seconds": time.perf_counter() - t_start,
             "kept_jobs": kept, "missing_jobs": missing, "job_seconds": sum(r["seconds"] for r in results),
