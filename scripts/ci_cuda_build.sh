@@ -42,7 +42,7 @@ else
   WORK="$(mktemp -d /tmp/flowbp-cuda-build.XXXXXX)"
   trap 'rm -rf "$WORK"' EXIT
 fi
-(cd "$REPO" && tar --exclude=./build --exclude='*.so' --exclude=./.git --exclude='./.venv*' --exclude=./flowbp-output -cf - .) | tar -xf - -C "$WORK"
+(cd "$REPO" && tar --exclude=./build --exclude='*.so' --exclude=./.git --exclude='./.venv*' --exclude=./flowbp-output --exclude=__pycache__ -cf - .) | tar -xf - -C "$WORK"
 cd "$WORK"
 FLOWBP_FORCE_CUDA_BUILD=1 "$PY" setup.py -q build_ext --inplace
 ls flowbp_kernels/_C*.so

@@ -3,7 +3,8 @@
 ``flowbp-train RECIPE [key=value ...] [--dry-run]`` reads a YAML recipe (``recipes/<family>/<method>.yaml``),
 applies the overrides (values parsed as YAML), validates everything before any model is loaded (one-line
 errors naming the key, exit status 2) and trains; ``--dry-run`` prints the resolved config and exits;
-``--plan-memory [--gpu-memory GiB]`` simulates one step and prints its GPU memory (``flowbp_train.memory``).
+``--plan-memory [--gpu-memory GiB] [--world-size N]`` simulates one step and prints its GPU memory (per
+rank with N ranks; ``flowbp_train.memory``).
 ``flowbp-eval`` and ``flowbp-mini`` forward to ``flowbp_train.evaluate.main`` and
 ``flowbp_train.mini.cli.main``, imported only when called. All three report a bad argument the same way:
 one line ``<prog>: error: ...`` on stderr and exit status 2 (``flowbp_train.usage``).
@@ -36,14 +37,17 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="simulate one training step at full size (no GPU, no weights) and print its memory")
     parser.add_argument("--gpu-memory", metavar="GiB", help="with --plan-memory: say whether the run fits a GPU "
                         "of this size and which changes would make it fit")
-    try:
-        args = parser.parse_args(argv)
+    parser.add_argument("--world-size", metavar="N", help="with --plan-memory: plan rank 0 of N ranks "
+                        "(distributed_strategy: ddp or fsdp2)")
+    try:  # key=value overrides before or after the options (``RECIPE --plan-memory key=value``)
+        args = parser.parse_intermixed_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
-    if args.plan_memory or args.gpu_memory is not None:
+    if args.plan_memory or args.gpu_memory is not None or args.world_size is not None:
         from flowbp_train.memory.cli import plan_main
 
-        return plan_main(args.recipe, args.overrides, args.gpu_memory, plan=args.plan_memory)
+        return plan_main(args.recipe, args.overrides, args.gpu_memory, plan=args.plan_memory,
+                         world_size=args.world_size)
     if not args.dry_run:  # before anything imports torch (load_config's checks do)
         from flowbp_train.threads import policy_for_train
 

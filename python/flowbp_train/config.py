@@ -23,6 +23,8 @@ FAMILIES = ("flux1", "sd3", "flux2", "mini")
 #: latent is cut into patch x patch tokens): FLUX.1 8 x 2 (2x2 packing), SD3.5 8 x 2 (patch 2), FLUX.2
 #: 8 x 2 (2x2 patchify), from the released models' configs; checked here without loading a model.
 RESOLUTION_FACTOR = {"flux1": 8 * 2, "sd3": 8 * 2, "flux2": 8 * 2}
+RESOLUTION_FACTOR["flux2-dev"] = 8 * 2  # FLUX.2-dev: FLUX.2's 2x2 patchify of the 8x VAE
+RESOLUTION_FACTOR["z-image"] = 8 * 2  # Z-Image: FLUX.1's 8x VAE, 2x2 patches in the transformer
 #: Families that generate one size only (the miniature works in 16x16 pixel space).
 FIXED_RESOLUTION = {"mini": 16}
 #: Registered families without an entry above: the common factor of the diffusers pipelines.
@@ -63,6 +65,8 @@ RESUME_FIXED_KEYS = ("family", "pretrained_model_name_or_path", "revision", "met
                      "lora_target_modules", "use_ema", "seed", "sampler_seed")
 #: The family's guidance when ``guidance_scale`` is left at None (REFERENCE.md section 1.5).
 DEFAULT_GUIDANCE = {"flux1": 4.0, "sd3": 3.5, "flux2": 4.0, "mini": 1.0}
+DEFAULT_GUIDANCE["flux2-dev"] = 4.0  # Flux2Pipeline's default embedded guidance
+DEFAULT_GUIDANCE["z-image"] = 5.0  # ZImagePipeline's default (its own scale: v_c + g (v_c - v_u))
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 STRATEGIES = ("none", "ddp", "fsdp2")
 #: Attribute names under which diffusers' transformers keep their blocks (FLUX, SD3, FLUX.2).
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
+BLOCK_LISTS += ("noise_refiner", "context_refiner")  # Z-Image's refiner blocks (ZImageTransformerBlock)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,10 @@ EVAL_PROTOCOL: dict[str, dict] = {
     "flux2": {"num_steps": 50, "guidance_scale": 4.0, "resolution": 512, "dtype": "bf16"},
     "mini": {"num_steps": 10, "guidance_scale": 1.0, "resolution": 16, "dtype": "fp32"},
 }
+#: FLUX.2-dev and Z-Image: their pipelines' own defaults (50 steps; embedded guidance 4.0, resp. Z-Image's CFG
+#: 5.0), at the 512 px the recipes train at (the FlowBP authors published no protocol for these models)
+EVAL_PROTOCOL["flux2-dev"] = {"num_steps": 50, "guidance_scale": 4.0, "resolution": 512, "dtype": "bf16"}
+EVAL_PROTOCOL["z-image"] = {"num_steps": 50, "guidance_scale": 5.0, "resolution": 512, "dtype": "bf16"}
 #: settings of a family without an entry (a registered adapter): the adapter's own guidance and size
 FALLBACK_PROTOCOL = {"num_steps": 28, "guidance_scale": None, "resolution": None, "dtype": "bf16"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

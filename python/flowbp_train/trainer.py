@@ -195,8 +195,8 @@ class Trainer:
         x_init = ad.initial_noise(cfg.train_batch_size, generator=self.generators["noise"])
         ro = rollout(velocity, x_init, sigmas, cache=cfg.velocity_cache, latent_dtype=self.latent_dtype)
         plan = self.method.plan(cfg.num_steps, self.generators["index_sampler"])
-        if cfg.cfg_grad_compensate and ad.guidance_scale > 1 and ad.two_branch_cfg:
-            loss_scale = loss_scale / ad.guidance_scale
+        if cfg.cfg_grad_compensate and ad.cfg_multiplier > 1 and ad.two_branch_cfg:
+            loss_scale = loss_scale / ad.cfg_multiplier
         # gradient accumulation: earlier micro-batches never synchronise; the last one does, once
         outer = self.no_sync() if (self.no_sync is not None and not last) else contextlib.nullcontext()
         with outer:

@@ -3,7 +3,8 @@
 Every component is the class the stock pipeline loads (``FluxPipeline``, ``StableDiffusion3Pipeline``,
 ``Flux2KleinPipeline``): real tokenizers (CLIP byte-level BPE, T5 unigram, Qwen2 byte-level BPE) trained
 here with the ``tokenizers`` library on a few sentences, real text encoders (CLIP, T5, Qwen3) at tiny
-widths, the transformer and VAE of each family, saved with ``save_pretrained``. A tiny CLIP folder
+widths, the transformer and VAE of each family, saved with ``save_pretrained``; the later families
+(Z-Image: Qwen3; FLUX.2-dev: Mistral3 with a Mistral-format BPE) follow the same pattern. A tiny CLIP folder
 (model + tokenizer + image processor) serves the ``pickscore`` reward offline. No hub access anywhere.
 """
 
@@ -130,6 +131,20 @@ def _vae_kl():
         use_post_quant_conv=False, shift_factor=0.1, scaling_factor=0.5)
 
 
+def _vae_flux2():
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=RESOLUTION, use_quant_conv=False,
+        use_post_quant_conv=False, mid_block_add_attention=False)
+    with torch.no_grad():  # non-trivial latent statistics, so decoding's un-normalisation matters
+        vae.bn.running_mean.uniform_(-0.2, 0.2)
+        vae.bn.running_var.uniform_(0.5, 1.5)
+    return vae
+
+
 def _scheduler(**kw):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -165,7 +180,7 @@ def sd3_pipeline(clip_tok, t5_tok):
 
 
 def flux2_pipeline(qwen_tok):
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     qcfg = Qwen3Config(vocab_size=len(qwen_tok), hidden_size=QWEN_HIDDEN, intermediate_size=2 * QWEN_HIDDEN,
@@ -176,17 +191,108 @@ def flux2_pipeline(qwen_tok):
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=3 * QWEN_HIDDEN, timestep_guidance_channels=16, mlp_ratio=2.0,
         axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
-    vae = AutoencoderKLFlux2(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=RESOLUTION, use_quant_conv=False,
-        use_post_quant_conv=False, mid_block_add_attention=False)
-    with torch.no_grad():  # non-trivial latent statistics, so decoding's un-normalisation matters
-        vae.bn.running_mean.uniform_(-0.2, 0.2)
-        vae.bn.running_var.uniform_(0.5, 1.5)
-    return Flux2KleinPipeline(scheduler=_scheduler(use_dynamic_shifting=True), vae=vae,
+    return Flux2KleinPipeline(scheduler=_scheduler(use_dynamic_shifting=True), vae=_vae_flux2(),
                               text_encoder=Qwen3ForCausalLM(qcfg).eval(), tokenizer=qwen_tok,
                               transformer=transformer, is_distilled=False)
+
+
+def zimage_pipeline(qwen_tok):
+    """Z-Image: a Qwen3 text encoder (second-to-last hidden state, QWEN_HIDDEN wide) and the Z-Image
+    transformer on the FLUX.1-style VAE, static shift as the published scheduler."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    qcfg = Qwen3Config(vocab_size=len(qwen_tok), hidden_size=QWEN_HIDDEN, intermediate_size=2 * QWEN_HIDDEN,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                       max_position_embeddings=1024, tie_word_embeddings=True,
+                       pad_token_id=qwen_tok.pad_token_id, eos_token_id=qwen_tok.eos_token_id)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=QWEN_HIDDEN, axes_dims=[4, 6, 6], axes_lens=[640, 32, 32])
+    with torch.no_grad():  # diffusers starts the final layer at zero: random, so a LoRA changes the image
+        for p in transformer.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.1)
+    return ZImagePipeline(scheduler=_scheduler(use_dynamic_shifting=False, shift=3.0), vae=_vae_kl(),
+                          text_encoder=Qwen3Model(qcfg).eval(), tokenizer=qwen_tok, transformer=transformer)
+
+
+PIPELINES["z-image"] = "ZImagePipeline"
+
+# FLUX.2-dev reads Mistral hidden states of layers (10, 20, 30) (Flux2Pipeline's text_encoder_out_layers)
+MISTRAL_HIDDEN, MISTRAL_LAYERS = 16, 30
+#: Mistral's instruction format, as the Mistral-Small-3.1 template renders the pipeline's text-only
+#: messages (content a string or a list of {"type": "text"} parts); image parts are not needed here
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% set text = m['content'] if m['content'] is string else "
+    "m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]{% else %}{{ text }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+MISTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                   "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+
+def mistral_tokenizer():
+    """A byte-level BPE with Mistral's control tokens and the instruction chat template, trained on CORPUS
+    and Flux2Pipeline's system message, as a fast tokenizer.
+
+    The published FLUX.2-dev folder holds a ``PixtralProcessor`` (this tokenizer plus an image processor)
+    in ``tokenizer/``; for text-only prompts ``Flux2Pipeline`` only calls its ``apply_chat_template``, which
+    renders the template and tokenizes, exactly as the tokenizer's own does (checked where torchvision, which
+    the processor class requires, works). The folder therefore holds the tokenizer: it loads without
+    torchvision, on every machine of the CI."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=MISTRAL_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([*CORPUS, SYSTEM_MESSAGE], trainer)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", model_max_length=1024)
+    out.chat_template = MISTRAL_CHAT_TEMPLATE
+    return out
+
+
+def pixtral_processor(tokenizer):
+    """The published class of FLUX.2-dev's ``tokenizer/`` around ``tokenizer`` (needs torchvision)."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    return PixtralProcessor(image_processor=PixtralImageProcessor(patch_size=4, size={"longest_edge": 16}),
+                            tokenizer=tokenizer, patch_size=4, chat_template=MISTRAL_CHAT_TEMPLATE)
+
+
+def flux2_dev_pipeline(mistral_tok):
+    """FLUX.2-dev: a ``Mistral3ForConditionalGeneration`` text encoder (30 layers, MISTRAL_HIDDEN wide, a
+    tiny Pixtral vision tower), the FLUX.2 transformer with its guidance embedding, the FLUX.2 VAE."""
+    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    ids = {k: mistral_tok.convert_tokens_to_ids(t) for k, t in
+           (("bos_token_id", "<s>"), ("eos_token_id", "</s>"), ("pad_token_id", "<pad>"))}
+    cfg = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(mistral_tok), hidden_size=MISTRAL_HIDDEN,
+                         intermediate_size=2 * MISTRAL_HIDDEN, num_hidden_layers=MISTRAL_LAYERS,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                         sliding_window=None, **ids),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=16, patch_size=4, num_channels=3),
+        image_token_index=mistral_tok.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1, **ids)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * MISTRAL_HIDDEN, timestep_guidance_channels=16,
+        mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True)
+    return Flux2Pipeline(scheduler=_scheduler(use_dynamic_shifting=True), vae=_vae_flux2(),
+                         text_encoder=Mistral3ForConditionalGeneration(cfg).eval(), tokenizer=mistral_tok,
+                         transformer=transformer)
+
+
+PIPELINES["flux2-dev"] = "Flux2Pipeline"
 
 
 def reward_clip(clip_tok):
@@ -204,6 +310,12 @@ def reward_clip(clip_tok):
     return CLIPModel(cfg).eval()
 
 
+def EXTRA_FAMILIES(clip_tok, t5_tok, qwen_tok) -> list:  # noqa: N802 (a table, built per call)
+    """The families added after the first three, each one entry: (name, builder)."""
+    return [("z-image", lambda: zimage_pipeline(qwen_tok)),
+            ("flux2-dev", lambda: flux2_dev_pipeline(mistral_tokenizer()))]
+
+
 def build_all(root: Path, seed: int = 0) -> dict[str, Path]:
     """Write ``root/{flux1,sd3,flux2,clip}`` and ``root/prompts.txt``; returns the paths by name."""
     from transformers import CLIPImageProcessor
@@ -213,7 +325,8 @@ def build_all(root: Path, seed: int = 0) -> dict[str, Path]:
     paths = {}
     for k, (name, make) in enumerate((("flux1", lambda: flux1_pipeline(clip_tok, t5_tok)),
                                       ("sd3", lambda: sd3_pipeline(clip_tok, t5_tok)),
-                                      ("flux2", lambda: flux2_pipeline(qwen_tok)))):
+                                      ("flux2", lambda: flux2_pipeline(qwen_tok)),
+                                      *EXTRA_FAMILIES(clip_tok, t5_tok, qwen_tok))):
         torch.manual_seed(seed + k)
         paths[name] = root / name
         make().save_pretrained(paths[name])

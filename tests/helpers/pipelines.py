@@ -1,4 +1,4 @@
-"""Tiny random pipelines of the three families, built offline from configs (no tokenizer files: the
+"""Tiny random pipelines of the families, built offline from configs (no tokenizer files: the
 adapters get a deterministic prompt encoder that maps each prompt to seeded random embeddings)."""
 
 from __future__ import annotations
@@ -102,16 +102,55 @@ def flux2_pipeline(seed: int = 0):
 PIPELINES = {"flux1": flux_pipeline, "sd3": sd3_pipeline, "flux2": flux2_pipeline}
 
 
+def flux2_dev_pipeline(seed: int = 0):
+    """FLUX.2-dev: the Klein components with the transformer's guidance embedding, in a ``Flux2Pipeline``."""
+    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+
+    klein = flux2_pipeline(seed)
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, timestep_guidance_channels=16, mlp_ratio=2.0,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    )
+    return Flux2Pipeline(scheduler=klein.scheduler, vae=klein.vae, text_encoder=None, tokenizer=None,
+                         transformer=transformer)
+
+
+PIPELINES["flux2-dev"] = flux2_dev_pipeline
+
+
+def zimage_pipeline(seed: int = 0):
+    """Z-Image: its transformer (main and refiner blocks) on the FLUX.1-style VAE, static shift as published."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=TEXT_DIM, axes_dims=[4, 6, 6], axes_lens=[256, 32, 32],
+    )
+    with torch.no_grad():  # the final layer starts at zero in diffusers: a random one makes the test see the model
+        for p in transformer.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.1)
+    return ZImagePipeline(scheduler=_scheduler(use_dynamic_shifting=False, shift=3.0), vae=_vae_kl(),
+                          text_encoder=None, tokenizer=None, transformer=transformer)
+
+
+PIPELINES["z-image"] = zimage_pipeline
+
+
 def tiny_adapter(family: str, seed: int = 0, **kw):
     """The family's adapter around a tiny random pipeline (fp32, CPU, 16x16 images)."""
+    from flowbp_train.models import adapter_class
     from flowbp_train.models.flux import FluxAdapter
     from flowbp_train.models.flux2 import Flux2Adapter
     from flowbp_train.models.sd3 import SD3Adapter
 
-    cls = {"flux1": FluxAdapter, "sd3": SD3Adapter, "flux2": Flux2Adapter}[family]
+    cls = {"flux1": FluxAdapter, "sd3": SD3Adapter, "flux2": Flux2Adapter}.get(family) or adapter_class(family)
     pipe = PIPELINES[family](seed)
     kw.setdefault("resolution", RESOLUTION)
-    return cls(pipe, prompt_encoder=prompt_encoder(pooled=family != "flux2"), **kw)
+    return cls(pipe, prompt_encoder=prompt_encoder(pooled=family in ("flux1", "sd3")), **kw)
 
 
 class PixelReward:

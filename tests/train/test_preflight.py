@@ -138,3 +138,31 @@ def test_a_cached_model_id_is_checked_in_its_snapshot(tmp_path, monkeypatch):
         check_pipeline_files("acme/tiny-flux", "FluxPipeline", family="flux1")
     with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache.*hf download acme/other"):
         check_pipeline_files("acme/other", "FluxPipeline", family="flux1")
+
+
+def test_flux2_dev_with_the_published_processor_needs_torchvision(tmp_path, monkeypatch):
+    """The published FLUX.2-dev tokenizer is a PixtralProcessor, which transformers builds only with
+    torchvision: without it the check says so in one line, before anything loads."""
+    import importlib.util
+
+    from flowbp_train.models.flux2_dev import Flux2DevAdapter
+
+    index = {"_class_name": "Flux2Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+             "tokenizer": ["transformers", "PixtralProcessor"],
+             "transformer": ["diffusers", "Flux2Transformer2DModel"], "vae": ["diffusers", "AutoencoderKLFlux2"]}
+    folder = fake_folder(tmp_path / "dev", index)
+    (folder / "tokenizer" / "tokenizer.json").write_text("{}")
+    real = importlib.util.find_spec
+
+    def without(name, *a):
+        return None if name == "torchvision" else real(name, *a)
+
+    def with_it(name, *a):
+        return object() if name == "torchvision" else real(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without)
+    with pytest.raises(ValueError, match="^pretrained_model_name_or_path: .*PixtralProcessor.*torchvision"):
+        Flux2DevAdapter.check_files(str(folder))
+    monkeypatch.setattr(importlib.util, "find_spec", with_it)
+    assert Flux2DevAdapter.check_files(str(folder)) == folder

@@ -147,7 +147,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert any(not torch.equal(loaded[n], p) for n, p in lora_params(trainer.adapter.transformer).items())
 
 
-@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2"])
+@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "z-image"])
 def test_saved_lora_loads_in_the_pipeline_at_its_trained_scale(tmp_path, family):
     """rank 4 with lora_alpha 16 (scale 4): the final export (EMA weights) loads with the stock pipeline's
     load_lora_weights and reproduces the trained velocity; a checkpoint holds the raw and the EMA LoRA,
@@ -239,3 +239,19 @@ def test_cli_trains_with_registered_adapter_and_reward(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (out / "logs").iterdir())
     assert (out / "checkpoint-2" / ckpt.STATE_FILE).is_file() and (out / "pytorch_lora_weights.safetensors").is_file()
     assert PIPELINES  # the tiny factories are shared with the adapter tests
+
+
+@pytest.mark.parametrize("family", ["flux2-dev", "z-image"])
+def test_every_method_trains_the_added_families(tmp_path, family):
+    """FLUX.2-dev and Z-Image: each method with both executors (one step each: a step runs the method's
+    whole plan), LoRA in fp32; then full fine-tuning and a bf16 transformer with fp32 LoRA weights."""
+    for method in METHODS:
+        for executor in ("streaming", "retain"):
+            check_trained(*run_steps(tmp_path / f"{method}-{executor}", family, method, executor, steps=1))
+    trainer, records, _ = run_steps(tmp_path / "ft", family, "flowbp-lagrange", "streaming", steps=1, rank=0)
+    assert all(p.requires_grad for p in trainer.adapter.transformer.parameters()) and records[-1]["grad_norm"] > 0
+    trainer, records, before = run_steps(tmp_path / "bf16", family, "flowbp-lagrange", "streaming", steps=1,
+                                         mixed_precision="bf16", adapter_kw={"dtype": torch.bfloat16})
+    assert trainer.adapter.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in lora_params(trainer.adapter.transformer).values())
+    check_trained(trainer, records, before)

@@ -7,7 +7,10 @@ c10/cuda/CUDACachingAllocator.cpp) and frees it when the storage dies (torch kee
 storage, so a weak reference to it fires exactly then). The live total after each op is the "allocated"
 curve; its maximum, the phase it fell in and the live set at that moment are the peak. Limits: what a
 kernel allocates inside itself (cuBLAS/cuDNN workspaces, flash-attention scratch) is not an output and is
-not seen (fixed costs, ``allocator.py``); storages marked as host memory are counted apart.
+not seen (fixed costs, ``allocator.py``); storages marked as host memory are counted apart. FSDP2 frees and
+re-allocates its gathered parameters by resizing their storages in place (``UntypedStorage.resize_``, not an
+aten op): while the mode is active that method reports to the tracker. A DTensor is counted by its local
+shard (the storage this rank holds).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from flowbp_train.memory.allocator import round_size
 #: Categories of the report, in print order. Roles set by :meth:`MemoryTracker.tag` win; the rest is
 #: classified by how it was allocated (forward with grad: activations; forward re-run inside a backward:
 #: recomputation; anything else: temporaries).
-CATEGORIES = ("frozen weights", "trainable weights", "gradients", "optimizer state", "EMA", "rollout cache",
-              "activations", "recomputation", "temporaries")
+CATEGORIES = ("frozen weights", "text encoders", "trainable weights", "gradients", "optimizer state", "EMA",
+              "rollout cache", "gathered weights", "reduce buffers", "activations", "recomputation",
+              "temporaries")
 _ALLOC, _FREE = 0, 1
 _aten = torch.ops.aten
 
@@ -36,6 +40,27 @@ def _is_fake(t) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
     return isinstance(t, FakeTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding storage: a DTensor's local shard, else ``t``."""
+    inner = getattr(t, "_local_tensor", None)
+    return inner if isinstance(inner, torch.Tensor) else t
+
+
+def _has_tensor(args, kwargs) -> bool:
+    return any(isinstance(t, torch.Tensor) for t in tree_leaves((args, kwargs)))
+
+
+_ORIG_RESIZE = torch.UntypedStorage.resize_
+_ACTIVE: list[MemoryTracker] = []  # trackers whose mode is entered, innermost last
+
+
+def _tracked_resize(storage, size):
+    out = _ORIG_RESIZE(storage, size)
+    for tr in _ACTIVE:
+        tr._resized(storage)
+    return out
 
 
 @dataclass
@@ -108,6 +133,13 @@ class MemoryTracker(TorchDispatchMode):
     def __init__(self, *, neutral_scalars: bool = True):
         super().__init__()
         self.neutral_scalars = neutral_scalars
+        #: while set, new allocations get this category (FSDP2's gathered weights, reduce buffers)
+        self.region: str | None = None
+        #: while ``_fake_depth`` > 0, ops without tensor inputs (factories) run under this FakeTensorMode, so
+        #: buffers a library allocates for itself during a fake run are fake too (see ``fake_factories``)
+        self.fake_mode = None
+        self._fake_depth = 0
+        self._muted = 0  # > 0: new storages are not counted (replay attaches them itself)
         self.live: dict[int, _Alloc] = {}  # storage address -> allocation
         self.trace = Trace()
         self.phase = "setup"
@@ -118,18 +150,46 @@ class MemoryTracker(TorchDispatchMode):
         self._roles: dict[int, str] = {}  # alloc_id -> role, set by tag()
 
     # ------------------------------------------------------------------ dispatch
+    def __enter__(self):
+        out = super().__enter__()
+        _ACTIVE.append(self)
+        if len(_ACTIVE) == 1:
+            torch.UntypedStorage.resize_ = _tracked_resize
+        return out
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        if not _ACTIVE:
+            torch.UntypedStorage.resize_ = _ORIG_RESIZE
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is _aten._local_scalar_dense.default and self.neutral_scalars and _is_fake(args[0]):
             t = args[0]
             return True if t.dtype == torch.bool else (1.0 if t.is_floating_point() or t.is_complex() else 1)
-        out = func(*args, **kwargs)
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._see(t)
+        if self._fake_depth and self.fake_mode is not None and not _has_tensor(args, kwargs):
+            with self.fake_mode:
+                out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        if not self._muted:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self._see(t)
         return out
 
+    def _resized(self, st) -> None:
+        """A storage was resized in place: free what it held, count what it holds now."""
+        key = st._cdata
+        if key in self.live:
+            self._free(key)
+        raw = st.nbytes()
+        if raw:
+            self._new(key, st, raw)
+
     def _see(self, t: torch.Tensor) -> None:
+        t = _local(t)
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse / storage-less tensors
@@ -153,7 +213,9 @@ class MemoryTracker(TorchDispatchMode):
         a.ref = weakref.ref(st, lambda _r, k=key, i=aid: self._on_death(k, i))
         self.live[key] = a
         grad_task = torch._C._current_graph_task_id() != -1
-        if torch.is_grad_enabled():
+        if self.region is not None:
+            kind = self.region
+        elif torch.is_grad_enabled():
             kind = "recomputation" if grad_task else "activations"
         else:
             kind = "temporaries"
@@ -165,11 +227,7 @@ class MemoryTracker(TorchDispatchMode):
             return
         self.allocated += a.size
         self.trace.events.append((_ALLOC, aid, a.size))
-        if self.allocated > self.trace.peak.bytes:
-            self.trace.peak = Peak(self.allocated, self.phase, len(self.trace.events) - 1)
-        pp = self.trace.phase_peaks
-        if self.allocated > pp.get(self.phase, -1):
-            pp[self.phase] = self.allocated
+        self._note_peak()
 
     def _on_death(self, key: int, aid: int) -> None:
         a = self.live.get(key)
@@ -214,7 +272,21 @@ class MemoryTracker(TorchDispatchMode):
         finally:
             self.phase = prev
 
+    @contextlib.contextmanager
+    def in_region(self, kind: str | None, *, fake_factories: bool = False) -> Iterator[None]:
+        """Allocations made inside get the category ``kind`` (None: by how they were made); with
+        ``fake_factories`` (and :attr:`fake_mode` set), tensors created from nothing are fake."""
+        prev = self.region
+        self.region = kind
+        self._fake_depth += fake_factories
+        try:
+            yield
+        finally:
+            self.region = prev
+            self._fake_depth -= fake_factories
+
     def _lookup(self, t) -> _Alloc | None:
+        t = _local(t)
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
@@ -244,6 +316,28 @@ class MemoryTracker(TorchDispatchMode):
                 self.host_allocated += a.size
                 self.trace.host_peak = max(self.trace.host_peak, self.host_allocated)
 
+    def move_to_device(self, tensors: Iterable) -> None:
+        """The storages of ``tensors`` come onto the device (``module.to("cuda")``: a text encoder placed
+        to encode prompts)."""
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                continue
+            a = self._lookup(t)
+            if a is not None and a.host:
+                a.host = False
+                self.host_allocated -= a.size
+                self.allocated += a.size
+                self.trace.events.append((_ALLOC, a.aid, a.size))
+                self.trace.phases[a.aid] = self.phase
+                self._note_peak()
+
+    def _note_peak(self) -> None:
+        if self.allocated > self.trace.peak.bytes:
+            self.trace.peak = Peak(self.allocated, self.phase, len(self.trace.events) - 1)
+        pp = self.trace.phase_peaks
+        if self.allocated > pp.get(self.phase, -1):
+            pp[self.phase] = self.allocated
+
     def bytes_of(self, tensors: Iterable) -> int:
         """Device bytes of the distinct live storages of ``tensors``."""
         seen, total = set(), 0
@@ -265,12 +359,15 @@ class MemoryTracker(TorchDispatchMode):
         finally:
             events.extend(self.trace.events[start:])
 
-    def replay(self, events: list, out_ids: list, make_outputs, args: dict | None = None):
+    def replay(self, events: list, out_ids: list, make_outputs, args: dict | None = None,
+               kinds: dict[int, str] | None = None):
         """Emit ``events`` (from :meth:`recording`) again with fresh ids, as if the recorded call ran once
         more, then attach the tensors ``make_outputs()`` returns to the allocations of ``out_ids`` (the
         recorded outputs, still live at its end). ``args``: recorded alloc id -> the tensor now in that
         argument's place; a recorded free of an argument (its last reference dropped inside the call)
-        frees the current one at the same point. Other frees of allocations older than the call are skipped."""
+        frees the current one at the same point. Other frees of allocations older than the call are skipped.
+        ``kinds``: recorded alloc id -> category (default: this trace's own, for a call recorded here)."""
+        kinds = self.trace.kinds if kinds is None else kinds
         idmap: dict[int, int] = {}
         argkeys = {aid: t.untyped_storage()._cdata for aid, t in (args or {}).items()}
         for kind, aid, size in events:
@@ -279,20 +376,20 @@ class MemoryTracker(TorchDispatchMode):
                 self._next_id += 1
                 idmap[aid] = new
                 self.live[("virtual", new)] = _Alloc(new, size, size, False)
-                self.trace.kinds[new] = self.trace.kinds.get(aid, "temporaries")
+                self.trace.kinds[new] = kinds.get(aid, "temporaries")
                 self.trace.phases[new] = self.phase
                 self.allocated += size
                 self.trace.events.append((_ALLOC, new, size))
-                if self.allocated > self.trace.peak.bytes:
-                    self.trace.peak = Peak(self.allocated, self.phase, len(self.trace.events) - 1)
-                pp = self.trace.phase_peaks
-                if self.allocated > pp.get(self.phase, -1):
-                    pp[self.phase] = self.allocated
+                self._note_peak()
             elif aid in idmap:
                 self._free(("virtual", idmap[aid]))
             elif aid in argkeys and argkeys[aid] in self.live and not self.live[argkeys[aid]].host:
                 self._free(argkeys.pop(aid))
-        outs = make_outputs()
+        self._muted += 1  # the fresh outputs take the replayed allocations: not counted again
+        try:
+            outs = make_outputs()
+        finally:
+            self._muted -= 1
         for t, aid in zip(outs, out_ids):
             new = idmap.get(aid) if aid is not None else None
             a = self.live.pop(("virtual", new), None) if new is not None else None

@@ -21,6 +21,8 @@ ADAPTERS: dict[str, str | Callable[..., FlowAdapter]] = {
     "flux2": "flowbp_train.models.flux2:Flux2Adapter",
     "mini": "flowbp_train.models.mini:MiniAdapter",
 }
+ADAPTERS["flux2-dev"] = "flowbp_train.models.flux2_dev:Flux2DevAdapter"
+ADAPTERS["z-image"] = "flowbp_train.models.zimage:ZImageAdapter"
 
 
 def register_adapter(family: str, adapter: str | type | Callable[..., FlowAdapter]) -> None:

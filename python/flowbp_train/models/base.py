@@ -64,6 +64,13 @@ class FlowAdapter(ABC):
     #: the pipeline class a model folder of this family holds (``model_index.json``), for ``check_files``
     pipeline_class_name: str | None = None
 
+    @property
+    def cfg_multiplier(self) -> float:
+        """What the conditional branch's velocity is multiplied by under CFG (``cfg_grad_compensate`` divides
+        the loss by it): ``guidance_scale`` in the ``v_u + g (v_c - v_u)`` form of most pipelines; a family
+        whose pipeline writes it otherwise (Z-Image: ``v_c + g (v_c - v_u)``) overrides this."""
+        return self.guidance_scale
+
     @classmethod
     def lora_targets(cls, transformer: torch.nn.Module) -> list[str]:
         """The default LoRA target names for ``transformer`` (``default_lora_targets``; a family adds the
@@ -240,6 +247,20 @@ def place_text_encoder(module: torch.nn.Module, device: torch.device, dtype: tor
                 if name.rsplit(".", 1)[-1] in keep:
                     sub.float()
     return module
+
+
+def scheduler_sigmas(pipeline, image_seq_len: int, num_steps: int) -> torch.Tensor:
+    """``linspace(1, 1/N, N)`` shifted as the pipeline's ``FlowMatchEulerDiscreteScheduler`` config says: the
+    static ``shift`` unless ``use_dynamic_shifting``, else ``mu`` from the image sequence length (FLUX.1's
+    ``calculate_shift`` with the config's ``base/max_image_seq_len`` and ``base/max_shift``)."""
+    from flowbp_kernels import flow_sigmas, flux_mu
+
+    sc = pipeline.scheduler.config if getattr(pipeline, "scheduler", None) is not None else {}
+    if sc and not sc.get("use_dynamic_shifting", True):
+        return flow_sigmas(num_steps, shift=float(sc.get("shift", 1.0)))
+    mu = flux_mu(image_seq_len, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
+                 sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
+    return flow_sigmas(num_steps, mu=mu)
 
 
 def guided_velocity(

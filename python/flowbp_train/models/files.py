@@ -15,7 +15,8 @@ from pathlib import Path
 
 #: pipeline class -> family, for the hint when a folder of another family is given
 PIPELINE_FAMILIES = {"FluxPipeline": "flux1", "StableDiffusion3Pipeline": "sd3", "Flux2KleinPipeline": "flux2",
-                     "Flux2Pipeline": None}
+                     "Flux2Pipeline": "flux2-dev"}
+PIPELINE_FAMILIES["ZImagePipeline"] = "z-image"
 #: components a pipeline cannot run without (others, e.g. SD3's T5, may be null in model_index.json)
 REQUIRED = ("transformer", "vae", "scheduler")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

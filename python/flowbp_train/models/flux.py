@@ -13,8 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from flowbp_kernels import flow_sigmas, flux_mu
-from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, load_pipeline, place_module
+from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, load_pipeline, place_module, scheduler_sigmas
 
 PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
 
@@ -111,12 +110,7 @@ class FluxAdapter(FlowAdapter):
         return self.pipeline._pack_latents(z, batch_size, c, s, s).to(self.device)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        sc = self.pipeline.scheduler.config if getattr(self.pipeline, "scheduler", None) is not None else {}
-        if sc and not sc.get("use_dynamic_shifting", True):
-            return flow_sigmas(num_steps, shift=float(sc.get("shift", 1.0)))
-        mu = flux_mu(self.image_seq_len, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
-                     sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
-        return flow_sigmas(num_steps, mu=mu)
+        return scheduler_sigmas(self.pipeline, self.image_seq_len, num_steps)
 
     # ------------------------------------------------------------------ velocity and decode
     def velocity_fn(self, batch: PromptBatch, sigmas: torch.Tensor, *, grad_negative: bool = False) -> VelocityFn:

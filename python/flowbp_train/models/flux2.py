@@ -5,7 +5,8 @@ statistics and packed to ``[B, (H/16)(W/16), 128]``; real two-branch CFG (defaul
 prompt, negative branch without gradient unless ``grad_negative``), off where the pipeline config says
 ``is_distilled``, as ``Flux2KleinPipeline`` does (no guidance embedding either); the FLUX.2 empirical
 shift ``mu = flux2_mu(sequence length, N)``; timestep = sigma (shared/design/REFERENCE.md 1.2-1.5).
-Decoding undoes the normalisation and the patchify, then runs the frozen VAE.
+Decoding undoes the normalisation and the patchify, then runs the frozen VAE. FLUX.2-dev (``flux2_dev.py``)
+subclasses this adapter: same transformer, packing, schedule and decode, its own guidance and encoder.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Flux2Adapter(FlowAdapter):
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None,
                  is_distilled: bool | None = None):
-        self._init_packed(pipeline, type(self).pipeline_class or _flux2_pipeline_class(), resolution=resolution,
+        self._init_packed(pipeline, type(self).pipeline_class or self._pipeline_cls(), resolution=resolution,
                           guidance_scale=guidance_scale, device=device, dtype=dtype,
                           max_sequence_length=max_sequence_length, prompt_encoder=prompt_encoder)
         config = getattr(pipeline, "config", None) or {}
@@ -78,11 +79,16 @@ class Flux2Adapter(FlowAdapter):
         grid = torch.zeros(1, 1, self.side, self.side)
         self.img_ids = pipeline._prepare_latent_ids(grid).to(self.device)
 
+    @staticmethod
+    def _pipeline_cls() -> type:
+        """The diffusers pipeline class this family loads (imported lazily)."""
+        return _flux2_pipeline_class()
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
                         revision: str | None = None, local_files_only: bool | None = None, **kw) -> Flux2Adapter:
-        """Load ``Flux2KleinPipeline`` (local folder or cached model id) and wrap it."""
-        pipe = load_pipeline(_flux2_pipeline_class(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
+        """Load the family's pipeline (local folder or cached model id) and wrap it."""
+        pipe = load_pipeline(cls._pipeline_cls(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
                              local_files_only=local_files_only)
         return cls(pipe, dtype=dtype, **kw)
 
@@ -137,8 +143,8 @@ class Flux2Adapter(FlowAdapter):
             b = x.shape[0]
             emb = tensors["encoder_hidden_states"].to(self.device, self.dtype)
             t = torch.full((b,), sigma, device=x.device, dtype=self.dtype)
-            return self.forward_module(  # Flux2KleinPipeline passes no guidance embedding
-                hidden_states=x.to(self.dtype), timestep=t, guidance=None, encoder_hidden_states=emb,
+            return self.forward_module(
+                hidden_states=x.to(self.dtype), timestep=t, guidance=self._guidance(b), encoder_hidden_states=emb,
                 txt_ids=text_ids(emb), img_ids=self.img_ids.expand(b, -1, -1), return_dict=False,
             )[0]
 
@@ -149,6 +155,10 @@ class Flux2Adapter(FlowAdapter):
                                    grad_negative)
 
         return velocity
+
+    def _guidance(self, batch_size: int) -> torch.Tensor | None:
+        """The transformer's guidance input: none for Klein (Flux2KleinPipeline passes no embedding)."""
+        return None
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         b, n, c = latents.shape

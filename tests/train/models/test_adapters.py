@@ -30,6 +30,12 @@ def _pipeline_image(ad, batch, noise):
                    negative_prompt_embeds=batch.negative["encoder_hidden_states"],
                    negative_pooled_prompt_embeds=batch.negative["pooled_projections"],
                    sigmas=np.linspace(1.0, 1 / N, N).tolist(), **common)
+    elif fam == "flux2-dev":  # embedded guidance, one branch; latents before packing as Klein's
+        b, n, c = noise.shape
+        common["latents"] = noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone()
+        out = pipe(prompt_embeds=t["encoder_hidden_states"], **common)
+    elif fam == "z-image":
+        out = _zimage_pipeline_call(pipe, batch, common)
     else:  # FLUX.2 takes the latents before packing: [B, 128, H/16, W/16]
         b, n, c = noise.shape
         common["latents"] = noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone()
@@ -38,7 +44,15 @@ def _pipeline_image(ad, batch, noise):
     return torch.from_numpy(out.images).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2"])
+def _zimage_pipeline_call(pipe, batch, common):
+    """ZImagePipeline takes prompt embeddings as one [L_i, D] tensor per prompt (its padding removed)."""
+    def unpadded(t):
+        return [e[m.bool()] for e, m in zip(t["encoder_hidden_states"], t["attention_mask"])]
+
+    return pipe(prompt_embeds=unpadded(batch.tensors), negative_prompt_embeds=unpadded(batch.negative), **common)
+
+
+@pytest.mark.parametrize("family", ["flux1", "sd3", "flux2", "flux2-dev", "z-image"])
 def test_rollout_and_decode_match_the_diffusers_pipeline(family):
     ad = tiny_adapter(family)
     batch = ad.encode_prompts(["a cat", "a red bus"])
@@ -52,14 +66,14 @@ def test_rollout_and_decode_match_the_diffusers_pipeline(family):
     assert torch.allclose(ours, ref, atol=2e-5), float((ours - ref).abs().max())
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "flux2", "z-image"])
 def test_negative_branch_has_no_gradient_unless_asked(family):
     ad = tiny_adapter(family)
     batch = ad.encode_prompts(["a cat"])
     sig = ad.sigmas(N)
     x = ad.initial_noise(1, generator=torch.Generator().manual_seed(0))
     params = [p for p in ad.transformer.parameters()]
-    g = ad.guidance_scale
+    g = ad.cfg_multiplier  # the guidance scale, but for Z-Image's v_c + g (v_c - v_u): 1 + g
 
     def grads(fn):
         return torch.autograd.grad(fn().square().sum(), params, allow_unused=True)
@@ -134,3 +148,17 @@ def test_flux2_follows_the_pipeline_is_distilled(distilled):
                height=RESOLUTION, width=RESOLUTION, guidance_scale=4.0,
                latents=noise.permute(0, 2, 1).reshape(b, c, ad.side, ad.side).clone(), **neg).images
     assert torch.allclose(ours, torch.from_numpy(ref).permute(0, 3, 1, 2), atol=2e-5)
+
+
+@pytest.mark.parametrize("family", ["flux2-dev", "z-image"])
+def test_fsdp2_shards_every_block_of_the_added_families(family):
+    """The blocks FSDP2 wraps one by one (``distributed._blocks``): every block class of the transformer,
+    Z-Image's refiner blocks included (the 2-rank CPU run of tests/train/distributed uses SD3 only)."""
+    from flowbp_train.distributed import _blocks
+
+    tr = tiny_adapter(family).transformer
+    found = {id(b) for b in _blocks(tr)}
+    classes = {"flux2-dev": ("Flux2TransformerBlock", "Flux2SingleTransformerBlock"),
+               "z-image": ("ZImageTransformerBlock",)}[family]
+    blocks = [m for m in tr.modules() if type(m).__name__ in classes]
+    assert blocks and {id(b) for b in blocks} == found

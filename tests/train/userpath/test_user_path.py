@@ -35,6 +35,19 @@ FAMILIES = ("flux1", "sd3", "flux2")
 PIPELINE_CLASSES = {"flux1": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "flux2": "Flux2KleinPipeline"}
 ADAPTERS = {"flux1": "flowbp_train.models.flux:FluxAdapter", "sd3": "flowbp_train.models.sd3:SD3Adapter",
             "flux2": "flowbp_train.models.flux2:Flux2Adapter"}
+# the families added later, one self-contained entry each
+FAMILIES += ("z-image",)
+PIPELINE_CLASSES["z-image"] = "ZImagePipeline"
+ADAPTERS["z-image"] = "flowbp_train.models.zimage:ZImageAdapter"
+#: per family: the tokenizers the folder loads with, the prompt length the adapter encodes to, the number
+#: of text encoders, the transformer class of a full fine-tuning export
+ADDED = {"z-image": ({"tokenizer": "Qwen2Tokenizer"}, 512, 1, "ZImageTransformer2DModel")}
+# FLUX.2-dev: Mistral3 text encoder; the folder's tokenizer is the fast tokenizer inside the published
+# PixtralProcessor (tests/helpers/folders.py says why; test_pixtral_processor_encodes_as_the_folder checks it)
+FAMILIES += ("flux2-dev",)
+PIPELINE_CLASSES["flux2-dev"] = "Flux2Pipeline"
+ADAPTERS["flux2-dev"] = "flowbp_train.models.flux2_dev:Flux2DevAdapter"
+ADDED["flux2-dev"] = ({"tokenizer": "PreTrainedTokenizerFast"}, 512, 1, "Flux2Transformer2DModel")
 RANK, ALPHA = 4, 16  # lora_alpha != rank: the export must keep the scale alpha / r = 4
 EVAL_STEPS, SEED = 2, 0
 #: what makes a README command fit a CPU test: tiny sizes, fp32, the offline reward and prompts (added below)
@@ -200,6 +213,14 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def _tokenizer_class_name(name: str) -> str:
+    """The class a tokenizer named ``name`` is in the installed transformers (5.x renamed the generic fast
+    tokenizer ``PreTrainedTokenizerFast`` to ``TokenizersBackend`` and kept the old name as an alias)."""
+    import transformers
+
+    return getattr(transformers, name).__name__
+
+
 def _cls(path: str):
     import importlib
 
@@ -246,8 +267,8 @@ def test_the_folder_loads_in_the_stock_pipeline_with_real_tokenizers(folders, fa
              if getattr(pipe, n, None) is not None}
     want = {"flux1": {"tokenizer": "CLIPTokenizer", "tokenizer_2": "T5Tokenizer"},
             "sd3": {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5Tokenizer"},
-            "flux2": {"tokenizer": "Qwen2Tokenizer"}}[family]
-    assert names == want
+            "flux2": {"tokenizer": "Qwen2Tokenizer"}, **{f: a[0] for f, a in ADDED.items()}}[family]
+    assert names == {n: _tokenizer_class_name(c) for n, c in want.items()}
     for n in names:  # every piece of a prompt is in the trained vocabulary
         tok = getattr(pipe, n)
         pieces = tok.tokenize(tf.PROMPTS[0])
@@ -265,12 +286,15 @@ def test_text_encoders_encode_in_the_model_dtype_at_the_family_length(folders, f
     ad = _cls(ADAPTERS[family])(pipe, resolution=tf.RESOLUTION, device="cpu", dtype=torch.bfloat16)
     assert ad.max_sequence_length == 512
     batch = ad.encode_prompts(tf.PROMPTS[:2])
-    length = {"flux1": 512, "sd3": tf.CLIP_MAX_TOKENS + 512, "flux2": 512}[family]
+    length = {"flux1": 512, "sd3": tf.CLIP_MAX_TOKENS + 512, "flux2": 512,
+              **{f: a[1] for f, a in ADDED.items()}}[family]
     assert batch.tensors["encoder_hidden_states"].shape[:2] == (2, length)
     encoders = ad.text_encoders()
-    assert len(encoders) == {"flux1": 2, "sd3": 3, "flux2": 1}[family]
+    assert len(encoders) == {"flux1": 2, "sd3": 3, "flux2": 1, **{f: a[2] for f, a in ADDED.items()}}[family]
     assert all(p.dtype == torch.bfloat16 for e in encoders for p in e.parameters())
-    assert ad.encoded_prompts == 2 + (family != "flux1") and ad.encode_seconds > 0  # + the empty negative
+    negative = ad.uses_cfg if family in ADDED else family != "flux1"
+    assert ad.encoded_prompts == 2 + negative
+    assert ad.encode_seconds > 0  # + the empty negative where CFG runs
     ad.offload_text_encoders()
     assert all(p.device.type == "cpu" for e in encoders for p in e.parameters())
 
@@ -332,7 +356,7 @@ def test_full_finetuning_writes_a_loadable_transformer(runs, family):
     r = runs[family]
     _ok(r["train_full"])
     cls = getattr(diffusers, {"flux1": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
-                              "flux2": "Flux2Transformer2DModel"}[family])
+                              "flux2": "Flux2Transformer2DModel", **{f: a[3] for f, a in ADDED.items()}}[family])
     tr = cls.from_pretrained(str(r["full"] / "transformer"))
     assert sum(p.numel() for p in tr.parameters()) > 0
     log = [json.loads(x) for x in (r["full"] / "logs" / "train_log.jsonl").read_text().splitlines()]
@@ -447,3 +471,35 @@ def test_lora_targets_that_match_nothing_stop_before_anything_loads(folders, fam
     preflight(from_dict({**base, "lora_target_modules": ["to_q"]}))  # a name the transformer has
     with pytest.raises(ConfigError, match=r"^lora_target_modules: 'attn\.to_qq' matches no module"):
         preflight(from_dict({**base, "lora_target_modules": ["to_q", "attn.to_qq"]}))
+
+
+def _torchvision_works() -> bool:
+    """``PixtralProcessor`` requires torchvision; a wheel built for another torch imports but lacks its ops."""
+    try:
+        import torchvision  # noqa: F401
+        from torchvision.transforms import v2  # noqa: F401
+    except Exception:  # noqa: BLE001 (any failure: a torchvision that does not work with this torch)
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _torchvision_works(), reason="PixtralProcessor needs a working torchvision")
+def test_pixtral_processor_encodes_as_the_folder(folders):
+    """FLUX.2-dev's published ``tokenizer/`` is a ``PixtralProcessor``: around the folder's tokenizer, saved
+    and loaded with ``AutoProcessor``, it gives ``Flux2Pipeline`` the same token ids and mask for the
+    pipeline's own messages, so the folder's prompt encoding is the published class's."""
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import AutoProcessor
+
+    pipe = _pipeline("flux2-dev", folders["flux2-dev"])
+    tf.pixtral_processor(pipe.tokenizer).save_pretrained(folders["flux2-dev"].parent / "pixtral")
+    proc = AutoProcessor.from_pretrained(str(folders["flux2-dev"].parent / "pixtral"))
+    assert type(proc).__name__ == "PixtralProcessor"
+    kw = dict(add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt",
+              padding="max_length", truncation=True, max_length=512)
+    messages = format_input(prompts=tf.PROMPTS[:2], system_message=SYSTEM_MESSAGE)
+    ours, theirs = pipe.tokenizer.apply_chat_template(messages, **kw), proc.apply_chat_template(messages, **kw)
+    for key in ("input_ids", "attention_mask"):  # integers: equal exactly
+        assert torch.equal(ours[key], theirs[key]), key
+    assert 0 < int(ours["attention_mask"][0].sum()) < 512  # the prompt and system message fit, then padding
