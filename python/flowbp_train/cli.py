@@ -8,6 +8,8 @@ rank with N ranks; ``flowbp_train.memory``).
 ``flowbp-eval`` and ``flowbp-mini`` forward to ``flowbp_train.evaluate.main`` and
 ``flowbp_train.mini.cli.main``, imported only when called. All three report a bad argument the same way:
 one line ``<prog>: error: ...`` on stderr and exit status 2 (``flowbp_train.usage``).
+This module must not import torch: a CPU run's thread count and OpenMP wait policy
+(:mod:`flowbp_train.threads`) are set here, before torch starts its thread pool.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
         return plan_main(args.recipe, args.overrides, args.gpu_memory, plan=args.plan_memory,
                          world_size=args.world_size)
+    if not args.dry_run:  # before anything imports torch (load_config's checks do)
+        from flowbp_train.threads import policy_for_train
+
+        policy_for_train("flowbp-train", args.recipe, args.overrides)
     try:
         cfg = load_config(args.recipe, args.overrides)
         if not args.dry_run:  # every file the run needs (model folder, reward weights), before any import
@@ -76,13 +82,21 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``flowbp-eval``: see ``flowbp_train.evaluate``."""
-    from flowbp_train import evaluate
+    from flowbp_train.threads import policy_for_eval
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not any(a in ("-h", "--help") for a in args):
+        policy_for_eval("flowbp-eval", args)
+    from flowbp_train import evaluate  # imports torch
 
     return evaluate.main(argv)
 
 
 def mini_main(argv: list[str] | None = None) -> int:
     """``flowbp-mini``: the CPU miniature, see ``flowbp_train.mini.cli``."""
+    from flowbp_train.threads import policy_for_mini
+
+    policy_for_mini("flowbp-mini", sys.argv[1:] if argv is None else list(argv))
     from flowbp_train.mini import cli
 
     return cli.main(argv)

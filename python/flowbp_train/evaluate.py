@@ -530,7 +530,9 @@ def _main(argv: list[str] | None = None) -> int:
                      transformer=a.transformer)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    from flowbp_train.threads import announce
 
+    announce()  # the CPU thread settings chosen at start (flowbp_train.cli.eval_main), once the arguments hold
     rewards = {}
     for name, kw in specs:  # the rewards first: they fail in seconds, the model after minutes
         key = name if name not in rewards else f"{name}_{len(rewards)}"

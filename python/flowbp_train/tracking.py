@@ -22,7 +22,8 @@ def step_record(step: int, outs: list, *, lr: float, grad_norm: float | None, cl
     """The log record of one optimizer step from its micro-steps' ``StepOutput`` (``outs``; empty when the
     step was skipped before any finished): loss (summed over micro-steps), mean reward and weight, the
     per-sample weights and rewards, gradient norms before and after clipping, the backward path of the
-    last micro-step (``d_j``, ``d_0``, k / j / tau, active steps, per-node gradient norms), time, memory."""
+    last micro-step (``d_j``, ``d_0``, k / j / tau, active steps, per-node gradient norms), time, memory;
+    ``reward_<term>`` for each term of a reward with ``terms()``."""
     rec = {"step": step, "skipped": skipped, "lr": lr, "grad_norm": grad_norm, "grad_norm_clipped": clipped,
            "step_time": seconds, "peak_memory_gb": _peak_memory_gb(device)}
     if outs:
@@ -37,6 +38,8 @@ def step_record(step: int, outs: list, *, lr: float, grad_norm: float | None, cl
             k=d.get("k"), j=d.get("j"), tau=d.get("tau"), active=list(d.get("active") or ()),
             node_grad_norms=[n.get("grad_norm") for n in d.get("nodes", [])],
         )
+        for k in d.get("reward_terms") or {}:  # a reward made of terms: this rank's mean over its micro-batches
+            rec[f"reward_{k}"] = sum(o.diagnostics["reward_terms"][k] for o in outs) / len(outs)
     else:
         rec.update(loss=None, reward=None)
     return rec

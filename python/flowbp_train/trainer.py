@@ -5,9 +5,10 @@ gradient caching every latent and velocity, draw the method's plan from the inde
 generator, seeded identically on every rank; DRaFT-LV's re-noising noise comes from each rank's own
 noise generator), let ``flowbp_kernels.reward_backprop`` accumulate the parameter gradients, then clip
 (default 1.0), step AdamW and the EMA. A non-finite loss or gradient skips the step;
-``max_nonfinite_steps`` in a row stop the run. Under torchrun the transformer is wrapped by DDP or
-sharded by FSDP2 (``flowbp_train.distributed``); the executor's node backwards run under ``no_sync`` but
-the last, so gradients are reduced once per step. Around the loop, each concern has its own module:
+``max_nonfinite_steps`` in a row stop the run. A reward with ``terms(images, prompts)`` has each
+term's batch mean on the sample logged as ``reward_<term>``. Under torchrun the transformer is wrapped
+by DDP or sharded by FSDP2 (``flowbp_train.distributed``); the executor's node backwards run under
+``no_sync`` but the last, so gradients are reduced once per step. Around the loop, each concern has its own module:
 ``preflight`` (every file, before anything loads; the reward is built before the model), ``rundir``
 (the output folder's lock, what a resume may change), ``checkpoint`` (atomic, verified checkpoints),
 ``weights`` (LoRA / transformer files, the model card), ``ema``, ``tracking`` (the per-step log).
@@ -204,6 +205,11 @@ class Trainer:
                                   noise_generator=self.generators["noise"],  # this rank's DRaFT-LV noise
                                   loss_scale=loss_scale, no_sync=self.no_sync if last else None,
                                   all_finite=self.all_finite)
+        terms = getattr(self.reward, "terms", None)
+        if callable(terms):  # a reward made of terms (the miniature's tasks): each logged, on the sample x_N
+            with torch.no_grad():
+                out.diagnostics["reward_terms"] = {k: float(v.float().mean())
+                                                   for k, v in terms(ad.decode(ro.sample), prompts).items()}
         return out, prompts
 
     def training_step(self) -> dict:
@@ -323,6 +329,10 @@ class Trainer:
     def _train(self) -> TrainResult:
         cfg = self.cfg
         self.resume()
+        if self.is_main:  # every input is checked by now: the CPU thread settings flowbp-train chose at start
+            from flowbp_train.threads import announce
+
+            announce()
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(dump_yaml(cfg))

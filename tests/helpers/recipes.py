@@ -1,6 +1,7 @@
 """What every recipe resolves to, recorded as the JSON fixture ``tests/train/recipes_resolved.json``.
 
-``PYTHONPATH=tests python -m helpers.recipes`` writes, for each ``recipes/<family>/<method>.yaml``, the
+``PYTHONPATH=tests python -m helpers.recipes`` writes, for each ``recipes/<family>/<method>.yaml`` (and
+each ``recipes/<family>/<task>/<method>.yaml``, the miniature study's tasks), the
 configuration ``flowbp_train.config.load_config(recipe, check=False)`` builds (``TrainConfig.to_dict()``,
 JSON-encoded). The fixture was generated from main before the recipes were given base files (issue 14)
 and is the reference ``test_recipes_resolve_as_recorded`` compares against: rerun this script only when a
@@ -18,8 +19,10 @@ FIXTURE = TESTS / "train" / "recipes_resolved.json"
 
 
 def recipe_files() -> list[Path]:
-    """Every runnable recipe: ``recipes/<family>/<method>.yaml`` (files starting with ``_`` are bases)."""
-    return sorted(p for p in (ROOT / "recipes").glob("*/*.yaml") if not p.name.startswith("_"))
+    """Every runnable recipe: ``recipes/<family>/<method>.yaml`` and ``recipes/<family>/<task>/<method>.yaml``
+    (files starting with ``_`` are bases)."""
+    return sorted(p for pattern in ("*/*.yaml", "*/*/*.yaml") for p in (ROOT / "recipes").glob(pattern)
+                  if not p.name.startswith("_"))
 
 
 def resolve_all() -> dict[str, dict]:

@@ -6,7 +6,7 @@ installed package, whose committed files stay as shipped); ``sample`` (a grid of
 every digit from the base model or a LoRA run); ``check`` (the base model's per-digit judge accuracy);
 ``report OUTPUT_DIR`` (before/after grids, curves and summary of a finished ``flowbp-train
 recipes/mini/*.yaml`` run, :func:`flowbp_train.mini.report.report_run`); ``study``
-(``benchmarks/mini_study.py``: every method, 3 seeds). The trainer's ``flowbp-mini`` entry point calls
+(``benchmarks/mini_study.py``: every method on three tasks, 3 seeds). The trainer's ``flowbp-mini`` entry point calls
 :func:`main`; a bad argument is one line on stderr and exit status 2, checked before any work.
 """
 
@@ -29,6 +29,7 @@ MAX_SEEDS = 100
 MAX_PER_PROMPT = 1000
 MAX_THREADS = 1024
 MAX_GUIDANCE = 100.0
+THREADS_HELP = "CPU threads (default: one per idle core, chosen at start; see OMP_NUM_THREADS)"
 
 
 def _adapter(guidance: float):
@@ -62,12 +63,10 @@ def _cmd_train_judge(a) -> int:
 
 
 def _cmd_sample(a) -> int:
-    import torch
-
     from flowbp_train.digits import canonical_prompts
     from flowbp_train.mini.report import eval_noise, generate, save_grid
 
-    torch.set_num_threads(a.threads)
+    _threads(a)
     ad = _adapter(a.guidance)
     if a.lora:
         ad.load_lora_weights(a.lora)
@@ -79,32 +78,38 @@ def _cmd_sample(a) -> int:
 
 
 def _cmd_check(a) -> int:
-    import torch
-
     from flowbp_train.mini.report import evaluate
     from flowbp_train.rewards.mini import DigitJudge, DigitReward
 
-    torch.set_num_threads(a.threads)
+    _threads(a)
     m, _ = evaluate(_adapter(a.guidance), DigitReward(), DigitJudge(), per_prompt=a.per_prompt, num_steps=a.steps)
     print(json.dumps(m, indent=2))
     return 0
 
 
 def _cmd_report(a) -> int:
-    import torch
-
     from flowbp_train.mini.report import report_run
 
-    torch.set_num_threads(a.threads)
+    _threads(a)
     report_run(a.output_dir)
     return 0
 
 
 def _cmd_study(a) -> int:
-    from flowbp_train.mini.study import run_study
+    from flowbp_train.mini.study import METHOD_ORDER, TASKS, StudyConfig, run_study
 
-    run_study(steps=a.steps, seeds=a.seeds, out_dir=a.out, methods=a.methods, threads=a.threads)
+    cfg = StudyConfig(steps=a.steps, seeds=a.seeds, tasks=a.tasks or list(TASKS), methods=a.methods or
+                      list(METHOD_ORDER), draws=a.draws)
+    run_study(cfg, workers=a.workers, out_dir=a.out, markdown=a.markdown, resume=a.resume)
     return 0
+
+
+def _threads(a) -> None:
+    """``--threads N`` when given; otherwise the count chosen at start (``flowbp_train.threads``)."""
+    if a.threads is not None:
+        import torch
+
+        torch.set_num_threads(a.threads)
 
 
 def _check(a) -> None:
@@ -117,6 +122,13 @@ def _check(a) -> None:
             raise UsageError(f"{flag}: expected a value in [{lo}, {hi}], got {val}")
 
     bounded("--threads", 1, MAX_THREADS)
+    bounded("--workers", 1, MAX_THREADS)
+    bounded("--draws", 1, MAX_SEEDS)
+    from flowbp_train.mini.study import TASKS
+
+    for t in getattr(a, "tasks", None) or []:
+        if t not in TASKS:
+            raise UsageError(f"--tasks: expected some of {', '.join(TASKS)}, got {t!r}")
     bounded("--steps", 1, MAX_STEPS if a.command in ("pretrain", "study") else 1000)
     bounded("--seed", 0, 2**32 - 1)
     bounded("--seeds", 1, MAX_SEEDS)
@@ -161,21 +173,25 @@ def build_parser() -> ArgumentParser:
         s.add_argument("--guidance", type=float, default=1.0)
         s.add_argument("--steps", type=int, default=10)
         s.add_argument("--per-prompt", type=int, default=8)
-        s.add_argument("--threads", type=int, default=1)
+        s.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
         if name == "sample":
             s.add_argument("--out", default="mini_samples.png")
             s.add_argument("--lora", default=None, help="a pytorch_lora_weights.safetensors to apply")
         s.set_defaults(fn=fn)
     s = sub.add_parser("report", help="grids, curves and summary of a finished flowbp-train mini run")
     s.add_argument("output_dir")
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     s.set_defaults(fn=_cmd_report)
-    s = sub.add_parser("study", help="every method, same steps, several seeds (benchmarks/mini_study.py)")
-    s.add_argument("--steps", type=int, default=40)
+    s = sub.add_parser("study", help="every method on every task, several seeds (benchmarks/mini_study.py)")
+    s.add_argument("--steps", type=int, default=50)
     s.add_argument("--seeds", type=int, default=3)
+    s.add_argument("--tasks", nargs="*", default=None, help="digit, shift, bold (default: all)")
     s.add_argument("--methods", nargs="*", default=None)
+    s.add_argument("--draws", type=int, default=4, help="plan draws per method for the gradient measures")
+    s.add_argument("--workers", type=int, default=None, help="worker processes (default: one per idle core)")
     s.add_argument("--out", default="benchmarks/results/mini_study")
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--markdown", default=None, help="also write the tables to this file")
+    s.add_argument("--resume", action="store_true", help="keep the finished jobs of --out/jobs.jsonl")
     s.set_defaults(fn=_cmd_study)
     return p
 
@@ -188,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     _check(args)
+    from flowbp_train.threads import announce
+
+    announce()  # the CPU thread settings chosen at start (flowbp_train.cli.mini_main)
     if getattr(args, "out", None) is not None and args.command in ("pretrain", "train-reward", "train-judge"):
         os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
