@@ -94,15 +94,18 @@ def fsdp2_families(root):
     whether the (gathered) LoRA weights moved."""
     from torch.distributed.fsdp import FSDPModule
 
+    from flowbp_train.distributed import BLOCK_LISTS
+
     out = {}
-    for family in ("sd3-large", "qwen-image"):
+    for family in ("sd3-large", "qwen-image", "z-image", "flux2-dev"):
         cfg = config(os.path.join(root, f"fsdp2-{family}"), "fsdp2", family=family, max_train_steps=2,
                      checkpointing_steps=100, method="flowbp-lagrange", method_options={})
         t = Trainer(cfg, adapter=tiny_adapter(family), reward=PixelReward())
         before = {n: p.full_tensor().clone() for n, p in t.adapter.transformer.named_parameters() if "lora" in n}
         losses = t.train().losses
         after = {n: p.full_tensor() for n, p in t.adapter.transformer.named_parameters() if "lora" in n}
-        blocks = t.adapter.transformer.transformer_blocks
+        tr = t.adapter.transformer
+        blocks = [b for name in BLOCK_LISTS for b in getattr(tr, name, ())]  # every list the trainer shards
         out[family] = {"losses": losses, "root_sharded": isinstance(t.model, FSDPModule),
                        "blocks": len(blocks), "sharded": sorted({type(b).__name__ for b in blocks
                                                                   if isinstance(b, FSDPModule)}),

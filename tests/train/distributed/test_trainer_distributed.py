@@ -59,12 +59,15 @@ def test_fsdp2_bf16_base_with_fp32_lora(results):
     assert len(rec["losses"]) == 2 and all(v is not None and abs(v) < 1e3 for v in rec["losses"])
 
 
-@pytest.mark.parametrize("family, block", [("sd3-large", "JointTransformerBlock"),
-                                           ("qwen-image", "QwenImageTransformerBlock")])
-def test_fsdp2_shards_the_block_classes_of_the_further_families(results, family, block):
+@pytest.mark.parametrize("family, blocks", [("sd3-large", ["JointTransformerBlock"]),
+                                            ("qwen-image", ["QwenImageTransformerBlock"]),
+                                            ("z-image", ["ZImageTransformerBlock"]),  # layers and both refiners
+                                            ("flux2-dev", ["Flux2SingleTransformerBlock", "Flux2TransformerBlock"])])
+def test_fsdp2_shards_the_block_classes_of_the_further_families(results, family, blocks):
     rec = results["fsdp2_families"][family]
     # fully_shard swaps each sharded module's class for a subclass named FSDP<class>
-    assert rec["root_sharded"] and rec["sharded"] == [f"FSDP{block}"] and rec["sharded_count"] == rec["blocks"] > 0
+    assert rec["root_sharded"] and rec["sharded"] == [f"FSDP{b}" for b in blocks]
+    assert rec["sharded_count"] == rec["blocks"] > 0
     assert len(rec["losses"]) == 2 and all(v is not None and abs(v) < 1e3 for v in rec["losses"])
     assert rec["lora_moved"]
 
