@@ -192,10 +192,18 @@ def _job(job):
     raise ValueError(name)
 
 
+def _forked_child() -> None:
+    """First thing in a forked child: one torch thread. The parent may have started OpenMP's thread pool
+    (a suite at OMP_NUM_THREADS=2), whose threads a fork does not copy: a parallel region in the child would
+    wait on them forever (torch's own DataLoader workers do the same)."""
+    torch.set_num_threads(1)
+
+
 def _rank_run(rank: int, port: int, folder: str, out: str) -> None:
     """One of two real gloo ranks (forked): both strategies' runs with real tensors, rank 0 writes them."""
     code = 1
     try:
+        _forked_child()
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -248,7 +256,7 @@ def sims(folders, gloo_ranks, cli_run):
             *(("nodes", (ex, k)) for ex in ("streaming", "retain") for k in (2, 4)),
             ("kept", "sd3"), ("slicing", False), ("slicing", True), *(("run", (f, False)) for f in FAMILIES),
             ("patches", None)]
-    with multiprocessing.get_context("fork").Pool(2) as pool:
+    with multiprocessing.get_context("fork").Pool(2, initializer=_forked_child) as pool:
         results = pool.map(_job, [(n, folders, a) for n, a in jobs], chunksize=1)
     return dict(zip(jobs, results))
 
