@@ -72,6 +72,22 @@ class FlowAdapter(ABC):
         return self.guidance_scale
 
     @classmethod
+    def diffusers_pipeline_class(cls) -> type:
+        """The diffusers class named by ``pipeline_class_name`` (imported on first use)."""
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_class_name)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
+                        revision: str | None = None, local_files_only: bool | None = None, **kw) -> FlowAdapter:
+        """Load the family's pipeline (``pipeline_class_name``; a local folder or a cached model id) and wrap it;
+        ``kw`` go to the adapter's constructor."""
+        pipe = load_pipeline(cls.diffusers_pipeline_class(), pretrained_model_name_or_path, dtype=dtype,
+                             revision=revision, local_files_only=local_files_only)
+        return cls(pipe, dtype=dtype, **kw)
+
+    @classmethod
     def lora_targets(cls, transformer: torch.nn.Module) -> list[str]:
         """The default LoRA target names for ``transformer`` (``default_lora_targets``; a family adds the
         modules whose suffix is ambiguous, named per block)."""

@@ -13,15 +13,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, load_pipeline, place_module, scheduler_sigmas
+from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, place_module, scheduler_sigmas
 
 PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
 
-
-def _flux_pipeline_class():
-    from diffusers import FluxPipeline
-
-    return FluxPipeline
 
 
 class FluxAdapter(FlowAdapter):
@@ -55,7 +50,7 @@ class FluxAdapter(FlowAdapter):
     def __init__(self, pipeline, *, resolution: int = 512, guidance_scale: float | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None):
-        self._init_packed(pipeline, type(self).pipeline_class or _flux_pipeline_class(), resolution=resolution,
+        self._init_packed(pipeline, type(self).pipeline_class or self.diffusers_pipeline_class(), resolution=resolution,
                           guidance_scale=guidance_scale, device=device, dtype=dtype,
                           max_sequence_length=max_sequence_length, prompt_encoder=prompt_encoder)
         self.latent_side = resolution // self.vae_scale_factor  # before 2x2 packing
@@ -72,13 +67,6 @@ class FluxAdapter(FlowAdapter):
         blocks = getattr(transformer, "single_transformer_blocks", ())
         return [*cls.default_lora_targets, *(f"single_transformer_blocks.{i}.proj_out" for i in range(len(blocks)))]
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
-                        revision: str | None = None, local_files_only: bool | None = None, **kw) -> FluxAdapter:
-        """Load ``FluxPipeline`` (local folder or cached model id) and wrap it."""
-        pipe = load_pipeline(_flux_pipeline_class(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
-                             local_files_only=local_files_only)
-        return cls(pipe, dtype=dtype, **kw)
 
     # ------------------------------------------------------------------ prompts
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:

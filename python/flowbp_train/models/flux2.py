@@ -16,15 +16,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from flowbp_kernels import flow_sigmas, flux2_mu
-from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, guided_velocity, load_pipeline, place_module
+from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, guided_velocity, place_module
 
 PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
 
-
-def _flux2_pipeline_class():
-    from diffusers import Flux2KleinPipeline
-
-    return Flux2KleinPipeline
 
 
 class Flux2Adapter(FlowAdapter):
@@ -67,7 +62,7 @@ class Flux2Adapter(FlowAdapter):
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None,
                  is_distilled: bool | None = None):
-        self._init_packed(pipeline, type(self).pipeline_class or self._pipeline_cls(), resolution=resolution,
+        self._init_packed(pipeline, type(self).pipeline_class or self.diffusers_pipeline_class(), resolution=resolution,
                           guidance_scale=guidance_scale, device=device, dtype=dtype,
                           max_sequence_length=max_sequence_length, prompt_encoder=prompt_encoder)
         config = getattr(pipeline, "config", None) or {}
@@ -78,19 +73,6 @@ class Flux2Adapter(FlowAdapter):
         place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
         grid = torch.zeros(1, 1, self.side, self.side)
         self.img_ids = pipeline._prepare_latent_ids(grid).to(self.device)
-
-    @staticmethod
-    def _pipeline_cls() -> type:
-        """The diffusers pipeline class this family loads (imported lazily)."""
-        return _flux2_pipeline_class()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
-                        revision: str | None = None, local_files_only: bool | None = None, **kw) -> Flux2Adapter:
-        """Load the family's pipeline (local folder or cached model id) and wrap it."""
-        pipe = load_pipeline(cls._pipeline_cls(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
-                             local_files_only=local_files_only)
-        return cls(pipe, dtype=dtype, **kw)
 
     # ------------------------------------------------------------------ prompts
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:

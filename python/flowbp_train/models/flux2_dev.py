@@ -55,12 +55,6 @@ class Flux2DevAdapter(Flux2Adapter):
                              "(pip install torchvision matching your torch)")
         return folder
 
-    @staticmethod
-    def _pipeline_cls() -> type:
-        from diffusers import Flux2Pipeline
-
-        return Flux2Pipeline
-
     @property
     def uses_cfg(self) -> bool:
         """Never: the guidance-distilled model runs one branch (``Flux2Pipeline`` has no negative prompt)."""

@@ -16,18 +16,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from flowbp_kernels import flow_sigmas, flux_mu
-from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, guided_velocity, load_pipeline, place_module
+from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, guided_velocity, place_module
 
 PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
 MASK = "encoder_hidden_states_mask"
 #: QwenImagePipeline refuses longer prompts (its tokenizer_max_length)
 MAX_TEXT_TOKENS = 1024
 
-
-def _qwen_pipeline_class():
-    from diffusers import QwenImagePipeline
-
-    return QwenImagePipeline
 
 
 class QwenImageAdapter(FlowAdapter):
@@ -63,7 +58,7 @@ class QwenImageAdapter(FlowAdapter):
                  max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None,
                  negative_prompt: str = " "):
         self.pipeline = pipeline
-        self.pipeline_class = type(self).pipeline_class or _qwen_pipeline_class()
+        self.pipeline_class = type(self).pipeline_class or self.diffusers_pipeline_class()
         self.transformer, self.vae = pipeline.transformer, pipeline.vae
         self.device, self.dtype = torch.device(device), dtype
         self.vae_scale_factor = 2 ** len(self.vae.temperal_downsample)
@@ -84,13 +79,6 @@ class QwenImageAdapter(FlowAdapter):
         place_module(self.transformer, self.device, self.dtype)
         place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
-                        revision: str | None = None, local_files_only: bool | None = None, **kw) -> QwenImageAdapter:
-        """Load ``QwenImagePipeline`` (local folder or cached model id) and wrap it."""
-        pipe = load_pipeline(_qwen_pipeline_class(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
-                             local_files_only=local_files_only)
-        return cls(pipe, dtype=dtype, **kw)
 
     def enable_gradient_checkpointing(self) -> None:
         """The transformer's only: ``AutoencoderKLQwenImage`` does not support it."""

@@ -17,15 +17,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from flowbp_kernels import flow_sigmas
-from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, guided_velocity, load_pipeline, place_module
+from flowbp_train.models.base import FlowAdapter, PromptBatch, VelocityFn, guided_velocity, place_module
 
 PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
 
-
-def _sd3_pipeline_class():
-    from diffusers import StableDiffusion3Pipeline
-
-    return StableDiffusion3Pipeline
 
 
 class SD3Adapter(FlowAdapter):
@@ -83,18 +78,11 @@ class SD3Adapter(FlowAdapter):
         self.shift = float(shift if shift is not None else (sched_shift or self.default_shift))
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
         self.prompt_encoder = prompt_encoder
-        self.pipeline_class = type(self).pipeline_class or _sd3_pipeline_class()
+        self.pipeline_class = type(self).pipeline_class or self.diffusers_pipeline_class()
         place_module(self.transformer, self.device, self.dtype)
         if self.vae is not None:
             place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
-                        revision: str | None = None, local_files_only: bool | None = None, **kw) -> SD3Adapter:
-        """Load ``StableDiffusion3Pipeline`` (local folder or cached model id) and wrap it."""
-        pipe = load_pipeline(_sd3_pipeline_class(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
-                             local_files_only=local_files_only)
-        return cls(pipe, dtype=dtype, **kw)
 
     # ------------------------------------------------------------------ prompts
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:

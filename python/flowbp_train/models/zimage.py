@@ -22,18 +22,12 @@ from flowbp_train.models.base import (
     PromptBatch,
     VelocityFn,
     guided_velocity,
-    load_pipeline,
     place_module,
     scheduler_sigmas,
 )
 
 PromptEncoder = Callable[[list[str]], dict[str, torch.Tensor]]
 
-
-def _zimage_pipeline_class():
-    from diffusers import ZImagePipeline
-
-    return ZImagePipeline
 
 
 class ZImageAdapter(FlowAdapter):
@@ -65,7 +59,7 @@ class ZImageAdapter(FlowAdapter):
     def __init__(self, pipeline, *, resolution: int = 512, guidance_scale: float | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  max_sequence_length: int | None = None, prompt_encoder: PromptEncoder | None = None):
-        self._init_packed(pipeline, type(self).pipeline_class or _zimage_pipeline_class(), resolution=resolution,
+        self._init_packed(pipeline, type(self).pipeline_class or self.diffusers_pipeline_class(), resolution=resolution,
                           guidance_scale=guidance_scale, device=device, dtype=dtype,
                           max_sequence_length=max_sequence_length, prompt_encoder=prompt_encoder)
         self._caption_len: dict[str, int] = {}  # prompt -> its caption's length (tokens), set by _encode
@@ -74,13 +68,6 @@ class ZImageAdapter(FlowAdapter):
         place_module(self.transformer, self.device, self.dtype)
         place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, *, dtype: torch.dtype = torch.bfloat16,
-                        revision: str | None = None, local_files_only: bool | None = None, **kw) -> ZImageAdapter:
-        """Load ``ZImagePipeline`` (local folder or cached model id) and wrap it."""
-        pipe = load_pipeline(_zimage_pipeline_class(), pretrained_model_name_or_path, dtype=dtype, revision=revision,
-                             local_files_only=local_files_only)
-        return cls(pipe, dtype=dtype, **kw)
 
     # ------------------------------------------------------------------ prompts
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
