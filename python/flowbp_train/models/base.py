@@ -110,9 +110,29 @@ class FlowAdapter(ABC):
                                     family=cls.family, revision=revision, key=key,
                                     local_files_only=local_files_only)
 
-    @abstractmethod
+    #: the prompt of the negative branch of two-branch CFG (the pipelines' default: empty)
+    negative_prompt: str = ""
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the pipeline runs a negative branch: two-branch CFG with a scale above 1 (a family whose
+        pipeline decides otherwise overrides this)."""
+        return self.two_branch_cfg and self.guidance_scale > 1.0
+
     def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
-        """Encode prompts (no grad, text encoders frozen), caching each prompt's embedding per run."""
+        """Encode prompts (no grad, text encoders frozen), caching each prompt's embedding per run; the
+        negative prompt too when ``uses_cfg``. The family's ``_encode(prompts) -> tensors`` does the work."""
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a non-empty list of strings")
+        cond = self._encode_cached(prompts, self._encode)
+        negative = (self._encode_cached([self.negative_prompt] * len(prompts), self._encode) if self.uses_cfg
+                    else None)
+        return PromptBatch(prompts, cond, negative)
+
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The family's prompt encoding (the tensors its velocity reads), for :meth:`encode_prompts`."""
+        raise NotImplementedError(f"{type(self).__name__} encodes no prompts")
 
     @abstractmethod
     def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ maps [-1, 1] to [0, 1].
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -67,7 +67,6 @@ class FluxAdapter(FlowAdapter):
         blocks = getattr(transformer, "single_transformer_blocks", ())
         return [*cls.default_lora_targets, *(f"single_transformer_blocks.{i}.proj_out" for i in range(len(blocks)))]
 
-
     # ------------------------------------------------------------------ prompts
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.prompt_encoder is not None:
@@ -76,12 +75,6 @@ class FluxAdapter(FlowAdapter):
             prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
-        return PromptBatch(prompts, self._encode_cached(prompts, self._encode), None)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.vae, getattr(self.pipeline, "text_encoder", None),

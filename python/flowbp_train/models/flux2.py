@@ -11,7 +11,7 @@ subclasses this adapter: same transformer, packing, schedule and decode, its own
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -81,14 +81,6 @@ class Flux2Adapter(FlowAdapter):
         emb, _ = self.pipeline.encode_prompt(prompt=prompts, device=self.device,
                                              max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": emb}
-
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
-        cond = self._encode_cached(prompts, self._encode)
-        negative = self._encode_cached([""] * len(prompts), self._encode) if self.uses_cfg else None
-        return PromptBatch(prompts, cond, negative)
 
     @property
     def uses_cfg(self) -> bool:

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from flowbp_train.models.base import PromptBatch
 from flowbp_train.models.flux2 import Flux2Adapter
 
 
@@ -59,12 +57,6 @@ class Flux2DevAdapter(Flux2Adapter):
     def uses_cfg(self) -> bool:
         """Never: the guidance-distilled model runs one branch (``Flux2Pipeline`` has no negative prompt)."""
         return False
-
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
-        return PromptBatch(prompts, self._encode_cached(prompts, self._encode), None)
 
     def _guidance(self, batch_size: int) -> torch.Tensor | None:
         """The embedded guidance, as ``Flux2Pipeline`` passes it (fp32, one value per sample); None for a

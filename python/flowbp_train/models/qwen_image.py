@@ -11,7 +11,7 @@ frame of the video VAE. Its VAE has no gradient checkpointing (only the transfor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -79,7 +79,6 @@ class QwenImageAdapter(FlowAdapter):
         place_module(self.transformer, self.device, self.dtype)
         place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
 
-
     def enable_gradient_checkpointing(self) -> None:
         """The transformer's only: ``AutoencoderKLQwenImage`` does not support it."""
         self.transformer.enable_gradient_checkpointing()
@@ -105,16 +104,6 @@ class QwenImageAdapter(FlowAdapter):
         for i, (e, n) in enumerate(zip(entries, lengths)):
             emb[i, :n], mask[i, :n] = e["encoder_hidden_states"][0, :n], 1
         return {"encoder_hidden_states": emb, MASK: mask}
-
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
-        cond = self._encode_cached(prompts, self._encode)
-        negative = None
-        if self.guidance_scale > 1.0:  # as the pipeline: true CFG for g > 1 with a negative prompt
-            negative = self._encode_cached([self.negative_prompt] * len(prompts), self._encode)
-        return PromptBatch(prompts, cond, negative)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return super().frozen_modules() + self.text_encoders()

@@ -12,7 +12,7 @@ space, no VAE, its own text encoder) subclasses this adapter and overrides promp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -83,7 +83,6 @@ class SD3Adapter(FlowAdapter):
         if self.vae is not None:
             place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
 
-
     # ------------------------------------------------------------------ prompts
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.prompt_encoder is not None:
@@ -93,16 +92,6 @@ class SD3Adapter(FlowAdapter):
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
         )
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
-
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
-        cond = self._encode_cached(prompts, self._encode)
-        negative = None
-        if self.guidance_scale > 1.0:  # as the pipeline: CFG for g > 1
-            negative = self._encode_cached([""] * len(prompts), self._encode)
-        return PromptBatch(prompts, cond, negative)
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return super().frozen_modules() + self.text_encoders()

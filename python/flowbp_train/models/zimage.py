@@ -13,7 +13,7 @@ second-to-last hidden state, padding dropped), kept padded to ``max_sequence_len
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -68,7 +68,6 @@ class ZImageAdapter(FlowAdapter):
         place_module(self.transformer, self.device, self.dtype)
         place_module(self.vae, self.device, self.dtype).requires_grad_(False).eval()
 
-
     # ------------------------------------------------------------------ prompts
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if self.prompt_encoder is not None:
@@ -89,14 +88,6 @@ class ZImageAdapter(FlowAdapter):
         # padding off by it rather than by the mask's values (which a shape-only simulation cannot read)
         self._caption_len.update((p, len(e)) for p, e in zip(prompts, embs))
         return {"encoder_hidden_states": out, "attention_mask": mask}
-
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptBatch:
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
-        cond = self._encode_cached(prompts, self._encode)
-        negative = self._encode_cached([""] * len(prompts), self._encode) if self.uses_cfg else None
-        return PromptBatch(prompts, cond, negative)
 
     @property
     def uses_cfg(self) -> bool:
