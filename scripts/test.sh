@@ -43,7 +43,7 @@ if [ "$RUN_B" = 1 ]; then
   BUILD_B="$(mktemp -d /tmp/flowbp-job-b.XXXXXX)"
   LOG_B="$BUILD_B.setup.log"
   SRC_B="$BUILD_B.src"
-  trap '[ -n "${PID_B:-}" ] && kill "$PID_B" 2>/dev/null; rm -rf "$BUILD_B" "$LOG_B" "$SRC_B"' EXIT
+  trap '[ -n "${PID_B:-}" ] && { kill "$PID_B" 2>/dev/null || true; }; rm -rf "$BUILD_B" "$LOG_B" "$SRC_B"' EXIT
   mkdir -p "$SRC_B"
   tar --exclude=./build --exclude='*.so' --exclude=./.git --exclude='./.venv*' --exclude=./flowbp-output \
     --exclude=__pycache__ -cf - . | tar -xf - -C "$SRC_B"
