@@ -50,6 +50,17 @@ class ThreadPolicy:
         return f"{prog}: CPU threads: {self.note}"
 
 
+
+def _wait_policy(env: dict, notes: list[str]) -> str | None:
+    """OMP_WAIT_POLICY=PASSIVE in ``env`` unless the user set a wait variable (noted either way); the policy set."""
+    user_wait = next((v for v in WAIT_VARS if env.get(v, "").strip()), None)
+    if user_wait is not None:
+        notes.append(f"{user_wait}={env[user_wait]} (yours)")
+        return None
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    notes.append("OMP_WAIT_POLICY=PASSIVE")
+    return "PASSIVE"
+
 def available_cores() -> int:
     """Cores this process may run on: its CPU affinity, bounded by a cgroup v2 (or v1) CPU quota."""
     try:
@@ -174,13 +185,7 @@ def apply_cpu_policy(prog: str, *, threads: int | None = None, processes: int = 
             seen = "" if busy is None else f", {busy:.1f} busy when sampled"
             share = f", shared by {processes} processes" if processes > 1 else ""
             notes.append(f"{threads} of {cores} cores{seen}{share}")
-        user_wait = next((v for v in WAIT_VARS if env.get(v, "").strip()), None)
-        wait = None
-        if user_wait is None:
-            wait = env["OMP_WAIT_POLICY"] = "PASSIVE"
-            notes.append("OMP_WAIT_POLICY=PASSIVE")
-        else:
-            notes.append(f"{user_wait}={env[user_wait]} (yours)")
+        wait = _wait_policy(env, notes)
         policy = ThreadPolicy(threads, wait, cores, busy, ", ".join(notes) +
                               f" (set OMP_NUM_THREADS / OMP_WAIT_POLICY, or {SWITCH_VAR}=off, to choose)")
     if log == "later":
@@ -285,13 +290,7 @@ def worker_policy(prog: str, workers: int | None = None, *, environ: MutableMapp
                  + (f"; {cores} cores, {busy:.1f} busy when sampled" if busy is not None else f"; {cores} cores")]
         if user_count is None:
             env["OMP_NUM_THREADS"] = "1"
-        user_wait = next((v for v in WAIT_VARS if env.get(v, "").strip()), None)
-        wait = None
-        if user_wait is None:
-            wait = env["OMP_WAIT_POLICY"] = "PASSIVE"
-            notes.append("OMP_WAIT_POLICY=PASSIVE")
-        else:
-            notes.append(f"{user_wait}={env[user_wait]} (yours)")
+        wait = _wait_policy(env, notes)
         policy = ThreadPolicy(per, wait, cores, busy, ", ".join(notes))
     if log:
         print(policy.describe(prog), file=sys.stderr, flush=True)
