@@ -40,7 +40,9 @@ from flowbp_train.memory.tracker import MemoryTracker
 from helpers import ROOT
 from helpers.pipelines import PIPELINES, POOLED_DIM, TEXT_DIM, PixelReward, tiny_adapter
 
-FAMILIES = ("flux1", "sd3", "flux2")
+#: the families with a stand-in of their pipeline's encode_prompt, then those planned from the prompt shapes
+#: their architecture file declares (``prompt_outputs``)
+FAMILIES = ("flux1", "sd3", "flux2", "sd3-large", "qwen-image", "z-image", "flux2-dev")
 # The real CPU run allocates a handful of 512-byte blocks that the fake run does not (small index/scalar
 # tensors the CPU kernels make that fake kernels fold away): a fixed number of blocks, whatever the model
 # size (at full size < 1e-6 of the peak). Measured: at most 6 per phase here.
@@ -272,7 +274,9 @@ def runs(sims):
 def test_fake_run_matches_the_real_tensor_run(runs, family):
     fake, real = runs[family]
     f, r = fake.trace, real.trace
-    assert fake.forward_replays > 0 and real.forward_replays == 0
+    # no-grad forwards of one signature are replayed, except Z-Image's (its transformer returns a list of
+    # tensors, which the memo does not record: each forward is simulated, the same bytes, more time)
+    assert (fake.forward_replays > 0) == (family != "z-image") and real.forward_replays == 0
     assert abs(f.peak.bytes - r.peak.bytes) <= BLOCK_SLACK, (f.peak, r.peak)
     assert f.peak.phase == r.peak.phase
     # every phase of the run (setup and encode, rollout, each node, decode, reward, optimizer, EMA, sample)

@@ -253,10 +253,11 @@ class FlowAdapter(ABC):
                 cache[p] = {k: v[q : q + 1].detach().to("cpu") for k, v in out.items()}
             self.encode_seconds += time.perf_counter() - t0
             self.encoded_prompts += len(missing)
-        return {k: v.to(self.device) for k, v in self._gather_prompts([cache[p] for p in prompts]).items()}
+        gathered = self._gather_prompts([cache[p] for p in prompts], list(prompts))
+        return {k: v.to(self.device) for k, v in gathered.items()}
 
-    def _gather_prompts(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """One batch from the cached entries of its prompts (each ``[1, ...]``): concatenated. A family
+    def _gather_prompts(self, entries: list[dict[str, torch.Tensor]], prompts: list[str]) -> dict[str, torch.Tensor]:
+        """One batch from the cached entries of its ``prompts`` (each ``[1, ...]``): concatenated. A family
         whose embeddings vary in length (Qwen-Image) pads them here."""
         return {k: torch.cat([e[k] for e in entries]) for k in entries[0]}
 

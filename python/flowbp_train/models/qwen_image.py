@@ -74,6 +74,7 @@ class QwenImageAdapter(FlowAdapter):
             raise ValueError(f"max_sequence_length must be in [1, {MAX_TEXT_TOKENS}] for Qwen-Image, "
                              f"got {self.max_sequence_length!r}")
         self.prompt_encoder, self.negative_prompt = prompt_encoder, negative_prompt
+        self._text_len: dict[str, int] = {}  # prompt -> its valid text tokens, set by _encode
         self.side = resolution // (2 * self.vae_scale_factor)  # packed grid side
         self.num_channels = self.transformer.config.in_channels // 4  # VAE latent channels
         place_module(self.transformer, self.device, self.dtype)
@@ -90,13 +91,17 @@ class QwenImageAdapter(FlowAdapter):
                 prompt=prompts, device=self.device, max_sequence_length=self.max_sequence_length)))
         emb = out["encoder_hidden_states"]
         mask = out.get(MASK)  # None: every token is valid (the pipeline drops an all-ones mask)
+        # each prompt's length as a number: from the shape when every token is valid (known without reading
+        # data, so a shape-only simulation runs this path), else from the mask (valid tokens come first)
+        lengths = [emb.shape[1]] * len(prompts) if mask is None else [int(n) for n in mask.sum(1).tolist()]
+        self._text_len.update(zip(prompts, lengths))
         return {"encoder_hidden_states": emb,
                 MASK: torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device) if mask is None else mask}
 
-    def _gather_prompts(self, entries: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def _gather_prompts(self, entries: list[dict[str, torch.Tensor]], prompts: list[str]) -> dict[str, torch.Tensor]:
         """Each prompt's valid tokens (the pipeline puts them first), zero-padded to the batch's longest, as
         the pipeline pads a batch it encodes at once."""
-        lengths = [int(e[MASK].sum()) for e in entries]
+        lengths = [self._text_len[p] for p in prompts]
         width = max(lengths)
         emb = torch.zeros(len(entries), width, entries[0]["encoder_hidden_states"].shape[-1],
                           dtype=entries[0]["encoder_hidden_states"].dtype)
@@ -138,13 +143,17 @@ class QwenImageAdapter(FlowAdapter):
         sig = [float(s) for s in torch.as_tensor(sigmas).tolist()]
         shapes: dict[int, list] = {}
 
-        def text(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-            mask = tensors[MASK].to(self.device)
-            return {"encoder_hidden_states": tensors["encoder_hidden_states"].to(self.device, self.dtype),
-                    MASK: None if bool(mask.all()) else mask}
+        def text(tensors: dict[str, torch.Tensor], prompts: list[str]) -> dict[str, torch.Tensor | None]:
+            emb = tensors["encoder_hidden_states"].to(self.device, self.dtype)
+            # no mask when every prompt fills the width (the pipeline's rule), decided from the lengths
+            if all(p in self._text_len for p in prompts):
+                full = all(self._text_len[p] == emb.shape[1] for p in prompts)
+            else:  # tensors not encoded here (a hand-built batch): read the mask
+                full = bool(tensors[MASK].all())
+            return {"encoder_hidden_states": emb, MASK: None if full else tensors[MASK].to(self.device)}
 
-        cond = text(batch.tensors)
-        negative = None if batch.negative is None else text(batch.negative)
+        cond = text(batch.tensors, batch.prompts)
+        negative = None if batch.negative is None else text(batch.negative, [self.negative_prompt] * len(batch))
 
         def forward(x: torch.Tensor, sigma: float, emb: dict) -> torch.Tensor:
             b = x.shape[0]
