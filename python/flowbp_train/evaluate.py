@@ -234,7 +234,8 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
         if progress and getattr(adapter, "encoded_prompts", 0):
             import sys
 
-            where = "" if torch.device(adapter.device).type == "cpu" else "; text encoders offloaded to the CPU"
+            where = "" if torch.device(adapter.device).type == "cpu" else (
+                "; text encoders offloaded to the CPU, the transformer and the VAE waited there meanwhile")
             print(f"flowbp-eval: encoded {adapter.encoded_prompts} prompts on {adapter.device} in "
                   f"{adapter.encode_seconds:.1f} s{where}", file=sys.stderr, flush=True)
     sigmas = adapter.sigmas(num_steps)

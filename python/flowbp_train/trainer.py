@@ -147,6 +147,8 @@ class Trainer:
                                     max_sequence_length=cfg.max_sequence_length)
             check_lora_targets(adapter.transformer, cfg.lora_target_modules if cfg.rank else None)
         self.adapter = adapter
+        if cfg.offload_text_encoders:  # encode every prompt of this rank once, then free the encoders
+            self._encode_all_prompts(adapter)
         random.seed(cfg.seed)  # LoRA initialisation (and anything else on the global RNGs) per seed
         torch.manual_seed(cfg.seed)
         add_trainable(adapter, cfg)
@@ -176,13 +178,20 @@ class Trainer:
         }
         self.global_step = 0
         self.nonfinite_in_a_row = 0
-        if cfg.offload_text_encoders:  # encode every prompt of this rank once, then free the encoders
-            adapter.encode_all(self.prompts, PROMPT_CHUNK)
-            if self.is_main and adapter.encoded_prompts:
-                where = "" if adapter.device.type == "cpu" else "; text encoders offloaded to the CPU"
-                print(f"flowbp-train: encoded {adapter.encoded_prompts} prompts (the empty negative prompt "
-                      f"included) in {adapter.encode_seconds:.1f} s on {adapter.device}, "
-                      f"{str(adapter.dtype).removeprefix('torch.')}{where}", file=sys.stderr, flush=True)
+
+    def _encode_all_prompts(self, adapter: FlowAdapter) -> None:
+        """Every prompt of this rank encoded once, before any training state exists (LoRA, optimizer, EMA,
+        sharding), the transformer and the VAE parked in host memory meanwhile (``encode_all``): the
+        device holds the text encoders or the model, never both."""
+        t0 = time.perf_counter()
+        adapter.encode_all(self.prompts, PROMPT_CHUNK)
+        if self.is_main and adapter.encoded_prompts:
+            where = "" if adapter.device.type == "cpu" else (
+                "; text encoders offloaded to the CPU, the transformer and the VAE waited there meanwhile")
+            print(f"flowbp-train: encoded {adapter.encoded_prompts} prompts (the empty negative prompt "
+                  f"included) in {adapter.encode_seconds:.1f} s on {adapter.device}, "
+                  f"{str(adapter.dtype).removeprefix('torch.')}{where} ({time.perf_counter() - t0:.1f} s "
+                  f"with the moves)", file=sys.stderr, flush=True)
 
     # -------------------------------------------------------------- one step
     def _micro_step(self, loss_scale: float, last: bool = True) -> tuple:

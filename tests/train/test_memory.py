@@ -302,7 +302,12 @@ def test_setup_encodes_with_the_text_encoders_on_the_device(runs, sims, family):
     enc_bytes = sum(round_size(t.numel() * t.element_size()) for m in _text_encoders(family).values()
                     for t in (*m.parameters(), *m.buffers()))
     # on the device (fp32 here, the model dtype) only while the setup encodes, then offloaded
-    assert fake.trace.breakdown(stages["setup"][1])["text encoders"] == enc_bytes
+    at_encode = fake.trace.breakdown(stages["setup"][1])
+    assert at_encode["text encoders"] == enc_bytes
+    # the transformer and the VAE wait in host memory meanwhile: of the frozen weights only the reward's
+    # are on the device (the transformer was placed when built, and comes back once the encoders leave)
+    assert at_encode["frozen weights"] == fake.weights["reward (frozen)"] > 0
+    assert fake.trace.phase_peaks["load weights"] >= fake.weights["transformer (frozen)"] > 0
     assert fake.trace.breakdown(stages["training step"][1])["text encoders"] == 0
     # T5's embedding outweighs the tiny step: the encode phase sets the run's peak, as for FLUX.1 at 512 px
     assert fake.trace.peak.phase == real.trace.peak.phase == "encode"

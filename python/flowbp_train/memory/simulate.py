@@ -164,9 +164,10 @@ class _Phases:
             self.set("encode")
 
     def install_prompts(self, adapter) -> contextlib.ExitStack:
-        """Before the trainer is built (its setup encodes the prompts): the adapter places each text
-        encoder on the device to encode (``place_text_encoder``: its weights leave host memory) and the
-        trainer offloads them (``offload_text_encoders``: back to the host)."""
+        """Before the trainer is built (its setup encodes the prompts): the adapter parks the transformer
+        and the VAE in host memory (``park_on_host``), places each text encoder on the device to encode
+        (``place_text_encoder``: its weights leave host memory), offloads them (``offload_text_encoders``:
+        back to the host) and brings the model back (``unpark``)."""
         from flowbp_train.models import base
 
         tr, stack = self.tr, contextlib.ExitStack()
@@ -186,6 +187,23 @@ class _Phases:
             tr.move_to_host([t for m in adapter.text_encoders() for t in (*m.parameters(), *m.buffers())])
 
         stack.enter_context(mock.patch.object(adapter, "offload_text_encoders", offload))
+
+        def model_tensors():
+            return [t for m in adapter.placed_modules() for t in (*m.parameters(), *m.buffers())]
+
+        orig_park, orig_unpark = adapter.park_on_host, adapter.unpark
+
+        def park():  # encode_all: the transformer and the VAE wait in host memory while prompts are encoded
+            orig_park()
+            tr.move_to_host(model_tensors())
+
+        def unpark():  # and come back once the encoders are offloaded: the model's load, again
+            orig_unpark()
+            self.set("load weights")
+            tr.move_to_device(model_tensors())
+
+        stack.enter_context(mock.patch.object(adapter, "park_on_host", park))
+        stack.enter_context(mock.patch.object(adapter, "unpark", unpark))
         if hasattr(adapter, "_encode"):  # what _encode_cached calls for the prompts not encoded yet
             orig_encode = adapter._encode
 

@@ -162,12 +162,39 @@ class FlowAdapter(ABC):
         for enc in self.text_encoders():
             enc.to("cpu")
 
-    def encode_all(self, prompts: Sequence[str], batch_size: int) -> None:
+    def placed_modules(self) -> list[torch.nn.Module]:
+        """The modules the adapter keeps on its device: the transformer and the VAE."""
+        mods = (getattr(self, "transformer", None), getattr(self, "vae", None))
+        return [m for m in mods if isinstance(m, torch.nn.Module)]
+
+    def park_on_host(self) -> None:
+        """Move the transformer and the VAE to the CPU, so that the text encoders have the device to
+        themselves while the setup encodes every prompt (the device then holds the larger of the two, not
+        their sum); :meth:`unpark` brings them back. A copy both ways: no value or dtype changes."""
+        for m in self.placed_modules():
+            m.to("cpu")
+
+    def unpark(self) -> None:
+        """The transformer and the VAE back on the adapter's device (after :meth:`park_on_host`)."""
+        for m in self.placed_modules():
+            m.to(self.device)
+
+    def encode_all(self, prompts: Sequence[str], batch_size: int, *, park_model: bool = True) -> None:
         """Encode every prompt once, ``batch_size`` at a time (bounds the encoders' activation memory),
-        then move the text encoders to the CPU: every later batch comes from the cache."""
-        for i in range(0, len(prompts), batch_size):
-            self.encode_prompts(list(prompts[i : i + batch_size]))
-        self.offload_text_encoders()
+        then move the text encoders to the CPU: every later batch comes from the cache. ``park_model``:
+        the transformer and the VAE wait in host memory meanwhile (:meth:`park_on_host`), so the device
+        holds the text encoders or the model, never both; only when there are text encoders to place (a
+        given ``prompt_encoder`` encodes with the model where it is)."""
+        park = park_model and bool(self.text_encoders()) and getattr(self, "prompt_encoder", None) is None
+        if park:
+            self.park_on_host()
+        try:
+            for i in range(0, len(prompts), batch_size):
+                self.encode_prompts(list(prompts[i : i + batch_size]))
+            self.offload_text_encoders()
+        finally:
+            if park:
+                self.unpark()
 
     # ------------------------------------------------------------------ shared helpers (trainer side)
     #: the family's diffusers pipeline class (None: the adapter was built from components)

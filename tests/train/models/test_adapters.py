@@ -205,3 +205,38 @@ def test_fsdp2_shards_every_block_of_the_added_families(family):
                "z-image": ("ZImageTransformerBlock",)}[family]
     blocks = [m for m in tr.modules() if type(m).__name__ in classes]
     assert blocks and {id(b) for b in blocks} == found
+
+
+@pytest.mark.parametrize("given_encoder", [False, True])
+def test_encode_all_parks_the_model_while_the_text_encoders_encode(monkeypatch, given_encoder):
+    """The setup's prompt encoding: the transformer and the VAE leave the device before the first text
+    encoder is placed and come back after the encoders are offloaded, so the device never holds both
+    (a given prompt encoder places nothing: the model stays where it is)."""
+    from flowbp_train.models import base
+
+    ad = tiny_adapter("sd3")
+    calls: list[str] = []
+    encode, given = ad._encode, ad.prompt_encoder
+
+    def encode_with_the_given(prompts):  # the tiny pipeline has no tokenizers: its prompt encoder encodes
+        calls.append("encode")
+        with monkeypatch.context() as m:
+            m.setattr(ad, "prompt_encoder", given)
+            return encode(prompts)
+
+    monkeypatch.setattr(ad, "text_encoders", lambda: [torch.nn.Linear(2, 2)])
+    monkeypatch.setattr(ad, "_encode", encode_with_the_given)
+    monkeypatch.setattr(base, "place_text_encoder", lambda m, d, t: calls.append("place") or m)
+    for name in ("park_on_host", "unpark", "offload_text_encoders"):
+        orig = getattr(ad, name)
+        monkeypatch.setattr(ad, name, lambda n=name, f=orig: calls.append(n) or f())
+    if not given_encoder:  # as with the pipeline's own encoders (placed by _encode_cached)
+        monkeypatch.setattr(ad, "prompt_encoder", None)
+    ad.encode_all(["a cat", "a dog", "a bus"], 2)
+    # two chunks; the first also encodes SD3's empty negative prompt (three encodes, each after a placement)
+    if given_encoder:
+        assert calls == ["encode"] * 3 + ["offload_text_encoders"]
+    else:
+        assert calls == ["park_on_host", *["place", "encode"] * 3, "offload_text_encoders", "unpark"]
+    assert {p.device.type for m in ad.placed_modules() for p in m.parameters()} == {"cpu"}
+    assert ad.placed_modules() == [ad.transformer, ad.vae]
