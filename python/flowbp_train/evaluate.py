@@ -239,7 +239,10 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
             print(f"flowbp-eval: encoded {adapter.encoded_prompts} prompts on {adapter.device} in "
                   f"{adapter.encode_seconds:.1f} s{where}", file=sys.stderr, flush=True)
     sigmas = adapter.sigmas(num_steps)
+    from flowbp_train.threads import rebalance
+
     for start in range(0, len(todo), batch_size):
+        rebalance("flowbp-eval")  # a CPU run whose thread count flowbp-eval chose: follow the load
         idx = todo[start:start + batch_size]
         pngs = [_inside(out / _image_name(i), out) for i in idx]
         need = [k for k, p in enumerate(pngs) if not p.is_file()]

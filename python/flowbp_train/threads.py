@@ -1,15 +1,26 @@
 """The CPU thread policy of the console entry points, set before torch starts its thread pool.
 
-OpenMP reads ``OMP_NUM_THREADS`` and ``OMP_WAIT_POLICY`` once, when the runtime loads with torch; its
-default waiting is a busy spin, which on a shared machine turns every idle worker thread into a
-competitor (the miniature's main job beside one other process: 3.05 s a step by default, 0.92 s with
-``OMP_WAIT_POLICY=PASSIVE``, 0.79 s on one thread). So a CPU run sets, before ``import torch``: the
-passive wait policy, and one thread per core that is idle when it starts (a 0.2 s look at
-``/proc/stat`` over the cores this process may use, bounded by a cgroup CPU quota). Whatever the user
-chose wins: an ``OMP_*`` / ``MKL_NUM_THREADS`` variable, an explicit thread count, or
-``FLOWBP_THREAD_POLICY=off``. This module imports nothing heavy (no torch). What it chose is said in
-one line once the command's arguments are checked (:func:`announce`), so a bad argument stays a
-one-line error.
+OpenMP reads ``OMP_NUM_THREADS`` and its wait settings once, when the runtime loads with torch. Its
+default waiting is a long busy spin, which on a shared machine turns every idle worker thread into a
+competitor: the miniature's main job beside one other process took 3.05 s a step by default against 0.79
+s on one thread. Never spinning (``OMP_WAIT_POLICY=PASSIVE``) is safe but slow on a quiet machine, where
+threads sleep and wake between every small operation: 1.03 s a step on 2 threads against 0.51 s with a
+short spin (the measurements are at :data:`SPIN_COUNT`).
+
+So a CPU run sets, before ``import torch``, one thread per core that is idle when it starts: a 0.2 s look
+at ``/proc/stat`` over the cores this process may use, bounded by a cgroup CPU quota. What it sets next
+depends on the entry point:
+- ``flowbp-train`` and ``flowbp-eval`` (``governed``) get a short spin, ``GOMP_SPINCOUNT`` =
+  :data:`SPIN_COUNT`, which is fast on a quiet machine. They also get a governor: the loop calls
+  :func:`rebalance` every step, and when other work takes cores later on, the thread count drops to the
+  idle cores (torch.set_num_threads; one thread never waits on another), and rises again when the cores
+  are free.
+- ``flowbp-mini`` and the study's one-thread workers get the passive policy.
+
+Whatever the user chose wins: an ``OMP_*`` / ``MKL_NUM_THREADS`` variable, an explicit thread count (then
+the passive policy and no governor), or ``FLOWBP_THREAD_POLICY=off``. This module imports nothing heavy
+(no torch at import). What it chose is said in one line once the command's arguments are checked
+(:func:`announce`), so a bad argument stays a one-line error.
 """
 
 from __future__ import annotations
@@ -21,8 +32,9 @@ import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
 
-__all__ = ["ThreadPolicy", "announce", "apply_cpu_policy", "available_cores", "busy_cores", "choose_threads",
-           "gpu_visible", "policy_for_eval", "policy_for_mini", "policy_for_train", "worker_policy"]
+__all__ = ["Governor", "ThreadPolicy", "announce", "apply_cpu_policy", "available_cores", "busy_cores",
+           "choose_threads", "gpu_visible", "policy_for_eval", "policy_for_mini", "policy_for_train", "rebalance",
+           "worker_policy"]
 
 #: Variables that set the thread count: the user's choice is kept.
 COUNT_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -33,6 +45,13 @@ SWITCH_VAR = "FLOWBP_THREAD_POLICY"
 #: How long the idle cores are looked at: long enough for a few scheduler ticks (10 ms each) on every
 #: core, short beside the shortest CPU job (the 30 s main job).
 SAMPLE_SECONDS = 0.2
+#: GNU OpenMP's spin before an idle thread sleeps, for a governed run (the runtime's default is 300000;
+#: 0 is the passive policy). Measured on the main job (2 threads, 12 steps, median step): quiet 0.51 s at
+#: 10000 (0.53 s by default, 0.65 s at 1000, 1.03 s passive); beside a process started after the run
+#: 3.3 s at 10000, which the governor turns into one thread (0.76 s) within :data:`CHECK_SECONDS`.
+SPIN_COUNT = 10000
+#: How often the governor looks at the load (a read of /proc/stat; the loop calls it every step).
+CHECK_SECONDS = 2.0
 
 
 @dataclass
@@ -51,15 +70,21 @@ class ThreadPolicy:
 
 
 
-def _wait_policy(env: dict, notes: list[str]) -> str | None:
-    """OMP_WAIT_POLICY=PASSIVE in ``env`` unless the user set a wait variable (noted either way); the policy set."""
+def _wait_policy(env: dict, notes: list[str], spin: bool = False) -> str | None:
+    """The wait settings in ``env`` unless the user set a wait variable (noted either way): a short spin
+    (``GOMP_SPINCOUNT``, a governed run) or ``OMP_WAIT_POLICY=PASSIVE``; returns what was set."""
     user_wait = next((v for v in WAIT_VARS if env.get(v, "").strip()), None)
     if user_wait is not None:
         notes.append(f"{user_wait}={env[user_wait]} (yours)")
         return None
+    if spin:
+        env["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
+        notes.append(f"GOMP_SPINCOUNT={SPIN_COUNT}, fewer threads when other work takes cores")
+        return f"GOMP_SPINCOUNT={SPIN_COUNT}"
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     notes.append("OMP_WAIT_POLICY=PASSIVE")
     return "PASSIVE"
+
 
 def available_cores() -> int:
     """Cores this process may run on: its CPU affinity, bounded by a cgroup v2 (or v1) CPU quota."""
@@ -142,6 +167,75 @@ def choose_threads(cores: int, busy: float | None, processes: int = 1) -> int:
     return max(1, min(cores, math.floor(idle + 0.5)) // max(1, processes))
 
 
+class Governor:
+    """Keeps a CPU run's thread count at the cores other work leaves idle, checked at most every
+    ``check_seconds`` from the loop (:meth:`step`). Other work's load over the last interval is the
+    cores' busy time from /proc/stat less this process's own CPU time. A change needs two checks in a row
+    that agree, so one burst of another process does not move it."""
+
+    def __init__(self, cores: int, threads: int, *, check_seconds: float = CHECK_SECONDS,
+                 cpus: set[int] | None = None, clock=time.monotonic, cpu_times=None, own_time=time.process_time):
+        self.cores, self.max_threads, self.threads = cores, threads, threads
+        self.check_seconds, self.clock, self.own_time = check_seconds, clock, own_time
+        self.cpu_times = cpu_times or (lambda: _cpu_times(cpus))
+        self.hz = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+        self.changes: list[tuple[int, int, float]] = []  # (from, to, other work's cores)
+        self._pending: int | None = None
+        self._last = self._sample()
+
+    def _sample(self):
+        return self.clock(), self.cpu_times(), self.own_time()
+
+    def others(self, before, after) -> float | None:
+        """Cores other work kept busy between two samples (None where /proc/stat is unreadable)."""
+        (t0, c0, o0), (t1, c1, o1) = before, after
+        if c0 is None or c1 is None or t1 <= t0:
+            return None
+        busy = (c1[0] - c0[0]) / self.hz - (o1 - o0)
+        return max(0.0, min(float(self.cores), busy / (t1 - t0)))
+
+    def step(self) -> int | None:
+        """Look at the load when ``check_seconds`` have passed; returns the new thread count when it
+        changed (torch's is set), else None."""
+        now = self.clock()
+        if now - self._last[0] < self.check_seconds:
+            return None
+        sample = self._sample()
+        others, self._last = self.others(self._last, sample), sample
+        if others is None:
+            return None
+        want = min(self.max_threads, choose_threads(self.cores, others))
+        if want == self.threads:
+            self._pending = None
+            return None
+        if self._pending != want:  # the first check that disagrees: wait for a second one
+            self._pending = want
+            return None
+        import torch
+
+        torch.set_num_threads(want)
+        self.changes.append((self.threads, want, others))
+        self.threads, self._pending = want, None
+        return want
+
+
+_governor: Governor | None = None
+
+
+def rebalance(prog: str = "flowbp") -> int | None:
+    """Called by a governed loop every step (cheap: a clock read, and every ``CHECK_SECONDS`` a read of
+    /proc/stat); a no-op unless the entry point's policy chose the thread count. Says a change in one line."""
+    if _governor is None:
+        return None
+    before = _governor.threads
+    new = _governor.step()
+    if new is not None:
+        others = _governor.changes[-1][2]
+        print(f"{prog}: CPU threads: {before} -> {new} (other work keeps {others:.1f} of {_governor.cores} "
+              f"cores busy)", file=sys.stderr, flush=True)
+    return new
+
+
 _pending: list[tuple[str, ThreadPolicy]] = []
 
 
@@ -156,15 +250,19 @@ def announce() -> None:
 
 def apply_cpu_policy(prog: str, *, threads: int | None = None, processes: int = 1,
                      environ: MutableMapping[str, str] | None = None, log: bool | str = True,
-                     sample_seconds: float = SAMPLE_SECONDS) -> ThreadPolicy:
+                     sample_seconds: float = SAMPLE_SECONDS, governed: bool = False) -> ThreadPolicy:
     """Set the thread count and the passive wait policy in ``environ`` (default ``os.environ``) for a
     CPU job, unless the user chose them; must run before ``import torch`` (once torch is imported in
     this process nothing is changed or said). ``threads``: a count the user gave on the command line
     (kept as given). ``processes``: how many processes of this job share the cores (ranks under
     torchrun, workers of a study). ``log``: True prints the line to stderr now, ``"later"`` when
-    :func:`announce` is called, False never."""
+    :func:`announce` is called, False never. ``governed``: when the count is chosen here (not the user's)
+    and this is one process, a short spin instead of the passive policy and a :class:`Governor` that the
+    loop's :func:`rebalance` calls consult (only for ``os.environ``: a real process)."""
+    global _governor
     env = os.environ if environ is None else environ
     cores = available_cores()
+    chosen = False
     if env.get(SWITCH_VAR, "").strip().lower() in ("off", "0", "no", "false"):
         policy = ThreadPolicy(None, None, cores, None, f"left as they are ({SWITCH_VAR}=off)")
     elif "torch" in sys.modules and environ is None:  # in-process use (a notebook, a test): too late
@@ -182,10 +280,15 @@ def apply_cpu_policy(prog: str, *, threads: int | None = None, processes: int = 
             busy = busy_cores(sample_seconds)
             threads = choose_threads(cores, busy, processes)
             env["OMP_NUM_THREADS"] = str(threads)
+            chosen = True
             seen = "" if busy is None else f", {busy:.1f} busy when sampled"
             share = f", shared by {processes} processes" if processes > 1 else ""
             notes.append(f"{threads} of {cores} cores{seen}{share}")
-        wait = _wait_policy(env, notes)
+        govern = governed and chosen and processes == 1 and busy is not None
+        wait = _wait_policy(env, notes, spin=govern)
+        if govern and environ is None:
+            _governor = Governor(cores, cores)
+            _governor.threads = threads
         policy = ThreadPolicy(threads, wait, cores, busy, ", ".join(notes) +
                               f" (set OMP_NUM_THREADS / OMP_WAIT_POLICY, or {SWITCH_VAR}=off, to choose)")
     if log == "later":
@@ -222,7 +325,7 @@ def policy_for_train(prog: str, recipe: str, overrides: list[str]) -> ThreadPoli
     except (ConfigError, OSError, TypeError, ValueError):
         return None
     if cfg.device == "cpu" or (cfg.device == "auto" and not gpu_visible()):
-        return apply_cpu_policy(prog, processes=_ranks(os.environ), log="later")
+        return apply_cpu_policy(prog, processes=_ranks(os.environ), log="later", governed=True)
     return None
 
 
@@ -238,7 +341,7 @@ def policy_for_eval(prog: str, argv: list[str]) -> ThreadPolicy | None:
         elif arg.startswith("--device="):
             device = arg.split("=", 1)[1]
     if device == "cpu" or (device is None and not gpu_visible()):
-        return apply_cpu_policy(prog, log="later")
+        return apply_cpu_policy(prog, log="later", governed=True)
     return None
 
 

@@ -349,10 +349,13 @@ class Trainer:
         result = TrainResult(self.out, self.global_step)
         from tqdm.auto import tqdm
 
+        from flowbp_train.threads import rebalance
+
         bar = tqdm(total=cfg.max_train_steps, initial=self.global_step, desc="flowbp",
                    disable=not (cfg.progress_bar and self.is_main))
         try:
             while self.global_step < cfg.max_train_steps:
+                rebalance("flowbp-train")  # a CPU run whose thread count flowbp-train chose: follow the load
                 rec = self.training_step()
                 result.records.append(rec)
                 self.tracker.log(rec, self.global_step)
