@@ -441,6 +441,14 @@ def test_caching_allocator_rules():
     assert lim.reserved == 14 * MiB
     with pytest.raises(OutOfMemory):
         lim.malloc(15 * MiB)
+    # a trace's release event (torch.cuda.empty_cache) returns the free segments, not the used ones: a
+    # freed 12 MiB segment beside a 20 MiB one in use (5 MiB of it); then a 17 MiB request, which neither
+    # the cached segment nor the 15 MiB left of the other can hold
+    events = [(0, 1, 11 * MiB), (0, 2, 5 * MiB), (1, 1, 11 * MiB)]
+    assert replay(events).reserved_at_end == 32 * MiB
+    assert replay([*events, (2, -1, 0)]).reserved_at_end == 20 * MiB
+    assert replay([*events, (0, 3, 17 * MiB)]).peak_reserved == 50 * MiB  # 20 + the cached 12 + 18
+    assert replay([*events, (2, -1, 0), (0, 3, 17 * MiB)]).peak_reserved == 38 * MiB  # 20 + 18
 
 
 def test_vae_slicing_keeps_the_step_and_lowers_the_decode_peak(tmp_path, sims):

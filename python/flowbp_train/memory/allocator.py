@@ -188,7 +188,8 @@ class CachingAllocator:
 
 
 def replay(events: Iterable[tuple[int, int, int]], *, limit: int | None = None) -> ReplayResult:
-    """Replay ``(kind, alloc_id, size)`` events (kind 0 allocate, 1 free) through :class:`CachingAllocator`."""
+    """Replay ``(kind, alloc_id, size)`` events (kind 0 allocate, 1 free, 2 release the cached segments) through
+    :class:`CachingAllocator`."""
     alloc = CachingAllocator(limit)
     blocks: dict[int, _Block] = {}
     peak_alloc = peak_res = 0
@@ -204,6 +205,8 @@ def replay(events: Iterable[tuple[int, int, int]], *, limit: int | None = None) 
             peak_alloc = max(peak_alloc, alloc.allocated)
             if alloc.reserved > peak_res:
                 peak_res, peak_event, segs = alloc.reserved, n, len(alloc.segments)
+        elif kind == 2:  # torch.cuda.empty_cache(): every cached segment that holds no allocation
+            alloc.release_cached()
         else:
             b = blocks.pop(aid, None)
             if b is not None:

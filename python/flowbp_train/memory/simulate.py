@@ -167,7 +167,8 @@ class _Phases:
         """Before the trainer is built (its setup encodes the prompts): the adapter parks the transformer
         and the VAE in host memory (``park_on_host``), places each text encoder on the device to encode
         (``place_text_encoder``: its weights leave host memory), offloads them (``offload_text_encoders``:
-        back to the host) and brings the model back (``unpark``)."""
+        back to the host), empties the allocator's cache (``release_cached_device_memory``) and brings the
+        model back (``unpark``)."""
         from flowbp_train.models import base
 
         tr, stack = self.tr, contextlib.ExitStack()
@@ -204,6 +205,7 @@ class _Phases:
 
         stack.enter_context(mock.patch.object(adapter, "park_on_host", park))
         stack.enter_context(mock.patch.object(adapter, "unpark", unpark))
+        stack.enter_context(mock.patch.object(base, "release_cached_device_memory", lambda device: tr.release_cached()))
         if hasattr(adapter, "_encode"):  # what _encode_cached calls for the prompts not encoded yet
             orig_encode = adapter._encode
 

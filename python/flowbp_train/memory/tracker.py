@@ -32,7 +32,7 @@ from flowbp_train.memory.allocator import round_size
 CATEGORIES = ("frozen weights", "text encoders", "trainable weights", "gradients", "optimizer state", "EMA",
               "rollout cache", "gathered weights", "reduce buffers", "activations", "recomputation",
               "temporaries")
-_ALLOC, _FREE = 0, 1
+_ALLOC, _FREE, _RELEASE = 0, 1, 2  # _RELEASE: torch.cuda.empty_cache() (no allocation id, size 0)
 _aten = torch.ops.aten
 
 
@@ -77,7 +77,8 @@ class Trace:
     """What one tracked run leaves behind (device allocations only; host ones are summed apart).
 
     Attributes:
-        events: ``(kind, alloc_id, size)`` in program order; kind 0 = allocate, 1 = free.
+        events: ``(kind, alloc_id, size)`` in program order; kind 0 = allocate, 1 = free, 2 = the
+            allocator's cached segments released (``torch.cuda.empty_cache()``; id -1, size 0).
         kinds: ``alloc_id -> category`` (see ``CATEGORIES``).
         phases: ``alloc_id -> phase`` in which it was allocated.
         peak: the device peak of the live bytes.
@@ -302,6 +303,10 @@ class MemoryTracker(TorchDispatchMode):
                 a = self._lookup(t)
                 if a is not None:
                     self.trace.kinds[a.aid] = role
+
+    def release_cached(self) -> None:
+        """``torch.cuda.empty_cache()`` in a real run: the allocator replay returns its free segments."""
+        self.trace.events.append((_RELEASE, -1, 0))
 
     def move_to_host(self, tensors: Iterable) -> None:
         """The storages of ``tensors`` leave the device (``module.to("cpu")`` in a real run)."""

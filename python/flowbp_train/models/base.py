@@ -192,6 +192,8 @@ class FlowAdapter(ABC):
             for i in range(0, len(prompts), batch_size):
                 self.encode_prompts(list(prompts[i : i + batch_size]))
             self.offload_text_encoders()
+            if park:  # only the encoders' segments are cached now: give them back before the model returns
+                release_cached_device_memory(self.device)
         finally:
             if park:
                 self.unpark()
@@ -287,6 +289,14 @@ class FlowAdapter(ABC):
         """One batch from the cached entries of its ``prompts`` (each ``[1, ...]``): concatenated. A family
         whose embeddings vary in length (Qwen-Image) pads them here."""
         return {k: torch.cat([e[k] for e in entries]) for k in entries[0]}
+
+
+def release_cached_device_memory(device: str | torch.device) -> None:
+    """``torch.cuda.empty_cache()`` on a CUDA device (nothing elsewhere): the caching allocator gives its
+    free segments back, so that the modules placed next get segments of their own sizes rather than the
+    fragments of what left (the text encoders' segments, once the prompts are encoded)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def place_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -227,6 +227,7 @@ def test_encode_all_parks_the_model_while_the_text_encoders_encode(monkeypatch, 
     monkeypatch.setattr(ad, "text_encoders", lambda: [torch.nn.Linear(2, 2)])
     monkeypatch.setattr(ad, "_encode", encode_with_the_given)
     monkeypatch.setattr(base, "place_text_encoder", lambda m, d, t: calls.append("place") or m)
+    monkeypatch.setattr(base, "release_cached_device_memory", lambda device: calls.append("release"))
     for name in ("park_on_host", "unpark", "offload_text_encoders"):
         orig = getattr(ad, name)
         monkeypatch.setattr(ad, name, lambda n=name, f=orig: calls.append(n) or f())
@@ -237,6 +238,7 @@ def test_encode_all_parks_the_model_while_the_text_encoders_encode(monkeypatch, 
     if given_encoder:
         assert calls == ["encode"] * 3 + ["offload_text_encoders"]
     else:
-        assert calls == ["park_on_host", *["place", "encode"] * 3, "offload_text_encoders", "unpark"]
+        # the allocator's cache is emptied between the encoders leaving and the model coming back
+        assert calls == ["park_on_host", *["place", "encode"] * 3, "offload_text_encoders", "release", "unpark"]
     assert {p.device.type for m in ad.placed_modules() for p in m.parameters()} == {"cpu"}
     assert ad.placed_modules() == [ad.transformer, ad.vae]
