@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from flowbp_kernels import rollout
-from flowbp_train.models.base import FlowAdapter
+from flowbp_train.models.base import FlowAdapter, encoded_where
 from flowbp_train.rewards import Reward, get_reward
 
 __all__ = ["EVAL_PROTOCOL", "compare_runs", "evaluate", "load_prompts", "main", "parse_reward_spec", "protocol",
@@ -234,10 +234,8 @@ def evaluate(adapter: FlowAdapter, prompts: Sequence[str] | str | os.PathLike,
         if progress and getattr(adapter, "encoded_prompts", 0):
             import sys
 
-            where = "" if torch.device(adapter.device).type == "cpu" else (
-                "; text encoders offloaded to the CPU, the transformer and the VAE waited there meanwhile")
             print(f"flowbp-eval: encoded {adapter.encoded_prompts} prompts on {adapter.device} in "
-                  f"{adapter.encode_seconds:.1f} s{where}", file=sys.stderr, flush=True)
+                  f"{adapter.encode_seconds:.1f} s{encoded_where(adapter)}", file=sys.stderr, flush=True)
     sigmas = adapter.sigmas(num_steps)
     from flowbp_train.threads import rebalance
 

@@ -143,13 +143,18 @@ def _cpu_times(cpus: set[int] | None) -> tuple[float, float] | None:
     return (busy, total) if found else None
 
 
+def _affinity() -> set[int] | None:
+    """The CPUs this process may run on (None where the platform does not say)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def busy_cores(seconds: float = SAMPLE_SECONDS) -> float | None:
     """How many of this process's cores other work kept busy over the next ``seconds`` (this process
     sleeps meanwhile); None where /proc/stat cannot be read (not Linux)."""
-    try:
-        cpus = set(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = None
+    cpus = _affinity()
     first = _cpu_times(cpus)
     if first is None:
         return None
@@ -173,10 +178,11 @@ class Governor:
     cores' busy time from /proc/stat less this process's own CPU time. A change needs two checks in a row
     that agree, so one burst of another process does not move it."""
 
-    def __init__(self, cores: int, threads: int, *, check_seconds: float = CHECK_SECONDS,
-                 cpus: set[int] | None = None, clock=time.monotonic, cpu_times=None, own_time=time.process_time):
-        self.cores, self.max_threads, self.threads = cores, threads, threads
+    def __init__(self, cores: int, threads: int, *, check_seconds: float = CHECK_SECONDS, clock=time.monotonic,
+                 cpu_times=None, own_time=time.process_time):
+        self.cores, self.threads = cores, threads  # the count set now; at most ``cores`` (choose_threads)
         self.check_seconds, self.clock, self.own_time = check_seconds, clock, own_time
+        cpus = _affinity()  # the same cores busy_cores looked at
         self.cpu_times = cpu_times or (lambda: _cpu_times(cpus))
         self.hz = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
         self.changes: list[tuple[int, int, float]] = []  # (from, to, other work's cores)
@@ -204,7 +210,7 @@ class Governor:
         others, self._last = self.others(self._last, sample), sample
         if others is None:
             return None
-        want = min(self.max_threads, choose_threads(self.cores, others))
+        want = choose_threads(self.cores, others)
         if want == self.threads:
             self._pending = None
             return None
@@ -287,8 +293,7 @@ def apply_cpu_policy(prog: str, *, threads: int | None = None, processes: int = 
         govern = governed and chosen and processes == 1 and busy is not None
         wait = _wait_policy(env, notes, spin=govern)
         if govern and environ is None:
-            _governor = Governor(cores, cores)
-            _governor.threads = threads
+            _governor = Governor(cores, threads)
         policy = ThreadPolicy(threads, wait, cores, busy, ", ".join(notes) +
                               f" (set OMP_NUM_THREADS / OMP_WAIT_POLICY, or {SWITCH_VAR}=off, to choose)")
     if log == "later":

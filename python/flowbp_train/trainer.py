@@ -35,7 +35,7 @@ from flowbp_train import rundir
 from flowbp_train import weights as W
 from flowbp_train.config import TrainConfig, check_lora_targets, dump_yaml, load_prompts, validate
 from flowbp_train.ema import EMA
-from flowbp_train.models.base import FlowAdapter
+from flowbp_train.models.base import FlowAdapter, encoded_where
 from flowbp_train.preflight import preflight
 from flowbp_train.tracking import Tracker, step_record
 
@@ -186,12 +186,10 @@ class Trainer:
         t0 = time.perf_counter()
         adapter.encode_all(self.prompts, PROMPT_CHUNK)
         if self.is_main and adapter.encoded_prompts:
-            where = "" if adapter.device.type == "cpu" else (
-                "; text encoders offloaded to the CPU, the transformer and the VAE waited there meanwhile")
             print(f"flowbp-train: encoded {adapter.encoded_prompts} prompts (the empty negative prompt "
                   f"included) in {adapter.encode_seconds:.1f} s on {adapter.device}, "
-                  f"{str(adapter.dtype).removeprefix('torch.')}{where} ({time.perf_counter() - t0:.1f} s "
-                  f"with the moves)", file=sys.stderr, flush=True)
+                  f"{str(adapter.dtype).removeprefix('torch.')}{encoded_where(adapter)} "
+                  f"({time.perf_counter() - t0:.1f} s with the moves)", file=sys.stderr, flush=True)
 
     # -------------------------------------------------------------- one step
     def _micro_step(self, loss_scale: float, last: bool = True) -> tuple:

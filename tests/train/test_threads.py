@@ -129,9 +129,9 @@ class _Load:
         self.own += ours * seconds
 
     def governor(self, cores=2, threads=2):
-        g = T.Governor(cores, cores, clock=lambda: self.t, cpu_times=lambda: (self.busy, 0.0),
+        g = T.Governor(cores, threads, clock=lambda: self.t, cpu_times=lambda: (self.busy, 0.0),
                        own_time=lambda: self.own)
-        g.hz, g.threads = self.HZ, threads
+        g.hz = self.HZ
         return g
 
 

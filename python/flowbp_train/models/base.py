@@ -291,6 +291,13 @@ class FlowAdapter(ABC):
         return {k: torch.cat([e[k] for e in entries]) for k in entries[0]}
 
 
+def encoded_where(adapter: FlowAdapter) -> str:
+    """The end of the encode log line: where the modules were (nothing on a CPU run)."""
+    if torch.device(adapter.device).type == "cpu":
+        return ""
+    return "; text encoders offloaded to the CPU, the transformer and the VAE waited there meanwhile"
+
+
 def release_cached_device_memory(device: str | torch.device) -> None:
     """``torch.cuda.empty_cache()`` on a CUDA device (nothing elsewhere): the caching allocator gives its
     free segments back, so that the modules placed next get segments of their own sizes rather than the
